@@ -1,0 +1,92 @@
+"""Helpers shared by `configs/*.py`: big_vision-style `get_config(arg)` argument parsing."""
+import ml_collections
+
+
+def parse_arg(arg, *, positional=None, **defaults):
+  """Parses a `configs/x.py:arg` string into a ConfigDict of typed values.
+
+  `arg` is a comma-separated list of `key=value` or bare `key` items, e.g. `"rsicd,runlocal,batch_size=64"`.
+  Values take the type of their default (booleans strictly `True/False/true/false/1/0`). A bare key with a
+  boolean default sets it to True; any other bare word is assigned to the `positional` key (e.g. the dataset).
+  Unknown keys are errors, so a typo never silently changes nothing.
+  """
+  parsed = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, sep, value = item.partition("=")
+    if not sep:
+      if isinstance(defaults.get(key), bool):
+        parsed[key] = True
+        continue
+      if positional is None:
+        raise ValueError(f"config arg {item!r}: not a boolean option; known options: {sorted(defaults)}")
+      key, value = positional, item
+    if key not in defaults:
+      raise ValueError(f"config arg {item!r}: unknown option {key!r}; known options: {sorted(defaults)}")
+    parsed[key] = _convert(key, value, defaults[key])
+  return ml_collections.ConfigDict(parsed)
+
+
+def _convert(key, value, default):
+  if isinstance(default, bool):
+    truth = {"true": True, "1": True, "false": False, "0": False}
+    if value.lower() not in truth:
+      raise ValueError(f"config arg {key}={value!r}: expected a boolean (true/false)")
+    return truth[value.lower()]
+  if default is None or isinstance(default, str):
+    return value
+  try:
+    return type(default)(value)
+  except ValueError:
+    raise ValueError(f"config arg {key}={value!r}: expected {type(default).__name__}") from None
+
+
+def hvsa_augmentation(size):
+  """HVSA's training augmentation scaled to `size`: resize to size*278/256, rotate U[0, 90] deg, random crop."""
+  return f"decode|resize({round(size * 278 / 256)})|random_rotate(0, 90)|random_crop({size})|normalize"
+
+
+def dataset_config(name, manual_dir=""):
+  """Dataset, splits and image size for a config arg's dataset: the synthetic benchmark or a paper dataset."""
+  if name == "synthetic":
+    return ml_collections.ConfigDict(dict(
+        name="synthetic_rs/small", data_dir="", manual_dir="", train_split="train", val_split="val",
+        test_split="test", image_size=64))
+  return ml_collections.ConfigDict(dict(
+      name=name, data_dir="", manual_dir=manual_dir, train_split="train", val_split="val", test_split="test",
+      image_size=256))
+
+
+def base_config(arg):
+  """Everything a retrieval method's config shares: data, input pipeline, text, schedule of evals/checkpoints."""
+  config = ml_collections.ConfigDict()
+  config.seed = arg.seed
+  config.dataset = dataset_config(arg.dataset, arg.manual_dir)
+  size = config.dataset.image_size
+  config.input = dict(batch_size=128, sampling="per_caption", pp_train=hvsa_augmentation(size),
+                      pp_eval=f"decode|resize({size})|normalize", worker_count=0, prefetch=2)
+  config.text = dict(tokenizer="word", vocab_file="", min_count=5, stopwords="unk", max_len=32)
+  config.eval_batch_size = 256
+  config.eval_every_epochs = 1.0
+  config.eval_random_init = True
+  config.test_on_best = True
+  config.total_epochs = 1
+  config.total_steps = 0  # > 0 overrides total_epochs
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+  return config
+
+
+def shrink_for_runlocal(config):
+  """A seconds-long smoke run: the tiny synthetic split, a few steps, small batches."""
+  if config.dataset.name.startswith("synthetic_rs"):
+    config.dataset.name = "synthetic_rs/tiny"
+    config.dataset.image_size = 32
+  size = min(config.dataset.image_size, 32)
+  config.input.batch_size = 16
+  config.input.pp_train = hvsa_augmentation(size)
+  config.input.pp_eval = f"decode|resize({size})|normalize"
+  config.eval_batch_size = 16
+  config.total_steps = 4
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2

@@ -1,0 +1,65 @@
+"""Opening image-caption datasets: tfds builders (built into `data_dir` on first use) read with random access.
+
+A dataset name `module/config` (e.g. `synthetic_rs/small`, `rsicd`) resolves to the builder registered by
+importing `rsalign_jax.data.<module>`: adding a dataset is adding a module, never editing a table.
+"""
+import dataclasses
+import importlib
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+def default_data_dir():
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def open_split(dataset_config, split):
+  """Returns a random-access source of `split`, preparing the dataset first if needed.
+
+  Records are dicts of numpy values; `image` stays encoded (bytes) so decoding is a preprocessing op.
+  """
+  name = dataset_config.name
+  module = name.split("/")[0]
+  try:
+    importlib.import_module(f"rsalign_jax.data.{module}")
+  except ModuleNotFoundError as e:
+    if e.name != f"rsalign_jax.data.{module}":
+      raise
+    raise ValueError(f"dataset.name={name!r}: no module rsalign_jax/data/{module}.py registers a builder") from None
+  builder = tfds.builder(name, data_dir=dataset_config.get("data_dir") or default_data_dir(),
+                         file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=dataset_config.get("manual_dir"), try_download_gcs=False))
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def as_text(value):
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionIndex:
+  """Every caption of a split, flattened: caption k belongs to record `record[k]` (its position in the source)."""
+  captions: list
+  record: np.ndarray
+  image_ids: np.ndarray  # the dataset's image id of each record
+  filenames: list  # per record
+
+  @classmethod
+  def read(cls, source):
+    """Reads all captions of a source once (images are not decoded)."""
+    captions, record, image_ids, filenames = [], [], [], []
+    for position in range(len(source)):
+      example = source[position]
+      texts = [as_text(c) for c in example["captions"]]
+      captions.extend(texts)
+      record.extend([position] * len(texts))
+      image_ids.append(int(example.get("image_id", position)))
+      filenames.append(as_text(example.get("filename", str(position))))
+    return cls(captions, np.asarray(record, np.int64), np.asarray(image_ids, np.int64), filenames)
+
+  @property
+  def num_images(self):
+    return len(self.image_ids)

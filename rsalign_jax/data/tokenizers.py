@@ -1,0 +1,102 @@
+"""Word-level vocabulary of the RS retrieval papers (AMFMN/HVSA `vocab.py`), built and applied without NLTK data.
+
+Captions are lowercased and split into words and punctuation; the papers' punctuation list is dropped. The
+vocabulary keeps words seen at least `min_count` times in the TRAIN captions (the papers counted train+test,
+leaking test words), ids from 1 by falling frequency, then `<unk>` as the last id; id 0 is padding. Stopword handling is selectable:
+  * `unk`  (the papers): stopwords are left out of the vocabulary, so at encode time they become `<unk>`;
+  * `keep`: stopwords are ordinary words;
+  * `drop`: stopwords are removed from captions before encoding.
+The json format is the papers' (`word2idx`, `idx2word`, `idx`), so their shipped vocab files load unchanged.
+"""
+import collections
+import json
+import re
+
+import numpy as np
+
+UNK = "<unk>"
+PUNCTUATION = frozenset([",", ".", ":", ";", "?", "(", ")", "[", "]", "&", "!", "*", "@", "#", "$", "%"])
+STOPWORD_MODES = ("unk", "keep", "drop")
+# NLTK's English stopword list (nltk_data corpora/stopwords/english), which the papers' vocabulary builder drops.
+ENGLISH_STOPWORDS = frozenset("""
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
+himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had having do does did doing a an the and but
+if or because as until while of at by for with about against between into through during before after above below
+to from up down in out on off over under again further then once here there when where why how all any both each
+few more most other some such no nor not only own same so than too very s t can will just don don't should
+should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't
+haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't
+weren weren't won won't wouldn wouldn't
+""".split())
+_TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+
+def split_words(caption):
+  """Lowercases and splits a caption into words, dropping the papers' punctuation list."""
+  return [w for w in _TOKEN_RE.findall(caption.lower()) if w not in PUNCTUATION]
+
+
+class WordVocab:
+  """Maps captions to word ids (0 = padding, last id = `<unk>`)."""
+
+  def __init__(self, word2idx, stopwords="unk"):
+    if stopwords not in STOPWORD_MODES:
+      raise ValueError(f"text.stopwords={stopwords!r}: expected one of {STOPWORD_MODES}")
+    if UNK not in word2idx:
+      raise ValueError(f"vocabulary has no {UNK!r} entry")
+    self.word2idx = dict(word2idx)
+    self.stopwords = stopwords
+
+  @classmethod
+  def build(cls, captions, *, min_count=5, stopwords="unk"):
+    """Builds the vocabulary from (train) captions: words with count >= min_count, most frequent first."""
+    counts = collections.Counter(w for c in captions for w in split_words(c))
+    if stopwords != "keep":
+      counts = collections.Counter({w: n for w, n in counts.items() if w not in ENGLISH_STOPWORDS})
+    words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    word2idx = {w: i + 1 for i, w in enumerate(words)}
+    word2idx[UNK] = len(words) + 1
+    return cls(word2idx, stopwords)
+
+  @property
+  def size(self):
+    """Number of embedding rows needed: the largest id + 1 (row 0 is padding)."""
+    return max(self.word2idx.values()) + 1
+
+  def encode(self, caption):
+    words = split_words(caption)
+    if self.stopwords == "drop":
+      words = [w for w in words if w not in ENGLISH_STOPWORDS]
+    unk = self.word2idx[UNK]
+    return [self.word2idx.get(w, unk) for w in words]
+
+  def encode_batch(self, captions, max_len):
+    """Encodes captions to (tokens (N, max_len) int32 zero-padded, lengths (N,) int32, truncated count)."""
+    tokens = np.zeros((len(captions), max_len), np.int32)
+    lengths = np.zeros((len(captions),), np.int32)
+    truncated = 0
+    for row, caption in enumerate(captions):
+      ids = self.encode(caption)
+      truncated += len(ids) > max_len
+      ids = ids[:max_len]
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    return tokens, lengths, truncated
+
+  def save(self, path):
+    idx2word = {str(i): w for w, i in self.word2idx.items()}
+    with open(path, "w") as f:
+      json.dump({"word2idx": self.word2idx, "idx2word": idx2word, "idx": self.size, "stopwords": self.stopwords}, f)
+
+  @classmethod
+  def load(cls, path, stopwords=None):
+    """Loads a vocab json (ours or the papers' `*_splits_vocab.json`)."""
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
+      raise ValueError(f"{path}: expected a JSON object with a 'word2idx' mapping")
+    return cls(data["word2idx"], stopwords or data.get("stopwords", "unk"))

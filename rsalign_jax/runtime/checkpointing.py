@@ -1,0 +1,42 @@
+"""Orbax checkpoints of the train state, the input-pipeline position and small JSON metadata.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save never
+leaves a half-written checkpoint that a restart would pick up.
+"""
+import json
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves/restores {state, loader, meta} under one directory, keeping the newest `keep` steps."""
+
+  def __init__(self, directory, keep=2):
+    self._manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def save(self, step, state, *, loader_state=None, meta=None):
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+    if loader_state is not None:
+      items["loader"] = ocp.args.JsonSave(json.loads(loader_state))
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_state, step=None):
+    """Returns (state laid out as `abstract_state`'s shardings, loader state bytes or None, meta dict)."""
+    step = self.latest_step() if step is None else step
+    names = self._manager.item_metadata(step).keys()
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if "loader" in names:
+      items["loader"] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    loader_state = json.dumps(restored["loader"]).encode() if "loader" in names else None
+    return restored["state"], loader_state, restored["meta"]
+
+  def wait_until_finished(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()

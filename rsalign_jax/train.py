@@ -1,0 +1,272 @@
+"""The one trainer: methods differ by config, model module (`config.model_name`) and objective (`config.loss_name`).
+
+`train_and_evaluate(config, workdir)` trains with the global batch sharded over a ('data',) mesh, evaluates on the
+validation split every `eval_every_epochs`, keeps the best-by-val-rsum state, resumes automatically from the newest
+checkpoint in `workdir`, and ends with the test evaluation written to `workdir/results.json`.
+"""
+import functools
+import importlib
+import json
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rsalign_jax import optimizers
+from rsalign_jax.data import pipeline, preprocessing, sources
+from rsalign_jax.data.tokenizers import WordVocab
+from rsalign_jax.evaluation import evaluator as evaluator_lib
+from rsalign_jax.evaluation import metrics as metrics_lib
+from rsalign_jax.runtime import checkpointing, metric_writer
+from rsalign_jax.runtime import sharding as sharding_lib
+
+log = metric_writer.log
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict  # {"model": ..., "objective": ...}: the objective may hold learned parts (loss weights, temperature)
+  batch_stats: dict
+  opt_state: optax.OptState
+
+
+def build_model(config, vocab_size):
+  """`config.model_name` -> `rsalign_jax.models.<name>.Model(**config.model, vocab_size=...)`."""
+  module = importlib.import_module(f"rsalign_jax.models.{config.model_name}")
+  return module.Model(**config.model.to_dict(), vocab_size=vocab_size)
+
+
+def build_objective(config):
+  """`config.loss_name` -> `rsalign_jax.losses.<name>.Objective(**config.loss)`."""
+  return importlib.import_module(f"rsalign_jax.losses.{config.loss_name}").Objective(**config.loss.to_dict())
+
+
+def load_vocab(config, train_captions, workdir):
+  """The word vocabulary: `text.vocab_file` if given, else the one saved in workdir, else built from train."""
+  if config.text.get("vocab_file"):
+    return WordVocab.load(config.text.vocab_file, config.text.stopwords)
+  path = os.path.join(workdir, "vocab.json")
+  if os.path.exists(path):
+    return WordVocab.load(path)
+  vocab = WordVocab.build(train_captions, min_count=config.text.min_count, stopwords=config.text.stopwords)
+  if jax.process_index() == 0:
+    vocab.save(path)
+  return vocab
+
+
+def create_train_state(rng, model, objective, tx, example):
+  """Initialises params, BN statistics and optimizer state from an example batch (only its shapes matter)."""
+  model_rng, objective_rng, dropout_rng = jax.random.split(rng, 3)
+  variables = model.init({"params": model_rng, "dropout": dropout_rng}, example["image"], example["tokens"],
+                         example["lengths"], train=False)
+  outputs = model.apply(variables, example["image"], example["tokens"], example["lengths"], train=False)
+  objective_params = objective.init(objective_rng, outputs, example).get("params", {})
+  params = {"model": variables["params"], "objective": objective_params}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params))
+
+
+def train_step(state, batch, *, model, objective, tx, schedule, dropout_key):
+  """One update on a global batch; returns the new state and float32 scalar metrics."""
+  rng = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    outputs, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, batch["image"],
+                                   batch["tokens"], batch["lengths"], train=True, rngs={"dropout": rng},
+                                   mutable=["batch_stats"])
+    loss, aux = objective.apply({"params": params["objective"]}, outputs, batch)
+    return loss, (aux, updates.get("batch_stats", {}))
+
+  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, **aux, "l2_grads": optax.global_norm(grads), "l2_params": optax.global_norm(params),
+             "l2_updates": optax.global_norm(updates), "lr": schedule(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def model_variables(state):
+  return {"params": state.params["model"], "batch_stats": state.batch_stats}
+
+
+class _Retrieval:
+  """Jitted embedding/scoring functions of a model, shared by every evaluator."""
+
+  def __init__(self, model, mesh):
+    replicated = sharding_lib.replicated(mesh)
+    self.embed_images = jax.jit(
+        lambda v, images: model.apply(v, images, train=False, method="embed_images"), out_shardings=replicated)
+    self.embed_texts = jax.jit(
+        lambda v, tokens, lengths: model.apply(v, tokens, lengths, train=False, method="embed_texts"),
+        out_shardings=replicated)
+    self.score = jax.jit(lambda v, images, texts: model.apply(v, images, texts, method="score"))
+
+  def evaluate(self, evaluator, state):
+    return evaluator.run(model_variables(state), self.embed_images, self.embed_texts, self.score)
+
+
+def _check_finite(step, metrics):
+  bad = [k for k in ("loss", "l2_grads") if not np.isfinite(metrics[k])]
+  if bad:
+    raise FloatingPointError(
+        f"step {step}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)}; stopping before any checkpoint of "
+        "this state is written. Lower optimizer.lr, set optimizer.grad_clip_norm, or check the input data.")
+
+
+def _format_duration(seconds):
+  minutes, seconds = divmod(int(seconds), 60)
+  return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+def train_and_evaluate(config, workdir):
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint) and returns the results dict."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding_lib.make_mesh()
+  data_sharding = sharding_lib.batch_sharding(mesh)
+  if config.input.batch_size % jax.device_count():
+    raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by the "
+                     f"{jax.device_count()} devices")
+  writer = metric_writer.MetricWriter(workdir)
+  log("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+
+  # --- Data ----------------------------------------------------------------------------------------------------
+  train_source = sources.open_split(config.dataset, config.dataset.train_split)
+  train_index = sources.CaptionIndex.read(train_source)
+  vocab = load_vocab(config, train_index.captions, workdir)
+  tokens, lengths, truncated = vocab.encode_batch(train_index.captions, config.text.max_len)
+  log("train: %d images, %d captions; vocabulary %d words; %d captions truncated to %d tokens",
+      train_index.num_images, len(train_index.captions), vocab.size - 1, truncated, config.text.max_len)
+  items = pipeline.TrainItems(
+      train_source, train_index, tokens, lengths, sampling=config.input.sampling,
+      global_batch_size=config.input.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed, name=config.dataset.name)
+  steps_per_epoch = items.num_items // config.input.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"input.batch_size={config.input.batch_size} exceeds the {items.num_items} training items")
+  total_steps = config.get("total_steps") or config.total_epochs * steps_per_epoch
+  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+
+  def make_evaluator(split):
+    return evaluator_lib.RetrievalEvaluator(
+        sources.open_split(config.dataset, split), vocab, pp_spec=config.input.pp_eval,
+        max_len=config.text.max_len, batch_size=config.eval_batch_size, mesh=mesh)
+
+  val_evaluator = make_evaluator(config.dataset.val_split) if config.dataset.get("val_split") else None
+  test_evaluator = make_evaluator(config.dataset.test_split)
+
+  # --- Model, objective, optimizer, state (created sharded) ------------------------------------------------------
+  model = build_model(config, vocab.size)
+  objective = build_objective(config)
+  schedule = optimizers.make_schedule(config, steps_per_epoch)
+  tx = optimizers.make_optimizer(config, schedule)
+  example_image = preprocessing.parse(config.input.pp_eval)(train_source[0]["image"], np.random.default_rng(0))
+  init_rows = 16  # shapes only; enough rows for strided sub-batches inside objectives
+  example = {"image": jnp.zeros((init_rows,) + example_image.shape, jnp.float32),
+             "tokens": jnp.ones((init_rows, config.text.max_len), jnp.int32),
+             "lengths": jnp.full((init_rows,), config.text.max_len, jnp.int32),
+             "image_id": jnp.arange(init_rows, dtype=jnp.int32)}
+  rng = jax.random.key(config.seed)
+  init_fn = functools.partial(create_train_state, model=model, objective=objective, tx=tx, example=example)
+  abstract_state = jax.eval_shape(init_fn, rng)
+  state_sharding = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sharding)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, objective=objective, tx=tx, schedule=schedule,
+                        dropout_key=jax.random.fold_in(rng, 1)),
+      out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+      donate_argnums=(0,) if jax.devices()[0].platform != "cpu" else ())
+  retrieval = _Retrieval(model, mesh)
+
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  best_checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "best"), keep=1)
+  loader_iterator = iter(pipeline.make_train_loader(items, pp_spec=config.input.pp_train, seed=config.seed,
+                                                    worker_count=config.input.worker_count))
+  meta = {"best_val_rsum": -1.0, "best_step": None, "random_init_test": None}
+  if checkpointer.latest_step() is not None:
+    state, loader_state, meta = checkpointer.restore(abstract_state)
+    loader_iterator.set_state(loader_state)
+    log("resumed from %s at step %d", workdir, int(state.step))
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    if config.eval_random_init:
+      meta["random_init_test"] = retrieval.evaluate(test_evaluator, state)
+      log("random-init test: %s", _summary(meta["random_init_test"]))
+  log("parameters: %s model, %s objective", f"{_count(state.params['model']):,}", _count(state.params["objective"]))
+
+  # --- Train loop ------------------------------------------------------------------------------------------------
+  prefetcher = sharding_lib.DevicePrefetcher(loader_iterator, data_sharding, size=config.input.prefetch)
+  step = int(state.step)
+  log("training steps %d..%d (%d steps/epoch, global batch %d)", step, total_steps, steps_per_epoch,
+      config.input.batch_size)
+  window_start, window_steps, train_start = time.time(), 0, time.time()
+  try:
+    while step < total_steps:
+      state, step_metrics = step_fn(state, next(prefetcher))
+      step_metrics = jax.device_get(step_metrics)
+      step += 1
+      window_steps += 1
+      _check_finite(step, step_metrics)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        seconds_per_step = (time.time() - window_start) / window_steps
+        writer.scalars(step, step_metrics, prefix="train/")
+        writer.scalars(step, {"seconds_per_step": seconds_per_step,
+                              "images_per_second": config.input.batch_size / seconds_per_step}, prefix="perf/")
+        log("step %d/%d (epoch %.1f) loss %.4f | %.3f s/step, %.0f img/s | ETA %s", step, total_steps,
+            step / steps_per_epoch, step_metrics["loss"], seconds_per_step,
+            config.input.batch_size / seconds_per_step, _format_duration(seconds_per_step * (total_steps - step)))
+        window_start, window_steps = time.time(), 0
+      if val_evaluator is not None and (step % eval_every == 0 or step == total_steps):
+        val = retrieval.evaluate(val_evaluator, state)
+        writer.scalars(step, val, prefix="val/")
+        log("val @%d: %s", step, _summary(val))
+        if val["rsum"] > meta["best_val_rsum"]:
+          meta.update(best_val_rsum=val["rsum"], best_step=step, best_val=val)
+          best_checkpointer.save(step, state, meta={"step": step, "val": val})
+        window_start = time.time()
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        checkpointer.save(step, state, loader_state=prefetcher.state, meta=meta)
+  finally:
+    prefetcher.close()
+    checkpointer.wait_until_finished()
+    best_checkpointer.wait_until_finished()
+  train_seconds = time.time() - train_start
+
+  # --- Test ------------------------------------------------------------------------------------------------------
+  tested = "last"
+  if config.test_on_best and best_checkpointer.latest_step() is not None:
+    state, _, _ = best_checkpointer.restore(abstract_state)
+    tested = f"best val (step {int(state.step)})"
+  test = retrieval.evaluate(test_evaluator, state)
+  writer.scalars(step, test, prefix="test/")
+  results = {"test": test, "tested_checkpoint": tested, "random_init_test": meta["random_init_test"],
+             "best_val": meta.get("best_val"), "best_step": meta["best_step"], "total_steps": total_steps,
+             "train_seconds_this_run": round(train_seconds, 1), "dataset": config.dataset.name,
+             "test_images": test_evaluator.num_images, "model": config.model_name, "loss": config.loss_name}
+  rows = {f"{config.model_name} ({tested})": test}
+  if meta["random_init_test"] is not None:
+    rows = {f"{config.model_name} (random init)": meta["random_init_test"], **rows}
+  table = metrics_lib.format_table(rows, title=f"{config.dataset.name} {config.dataset.test_split}")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    print(table, flush=True)
+  writer.text(step, "test/table", table)
+  writer.close()
+  checkpointer.close()
+  best_checkpointer.close()
+  return results
+
+
+def _summary(metrics):
+  return ", ".join(f"{k} {metrics[k]:.2f}" for k in ("i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10", "mR"))
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))

@@ -1,0 +1,77 @@
+"""Config parsing (`configs/<method>.py:arg`), overrides and locking."""
+import importlib.util
+import pathlib
+
+import ml_collections
+import pytest
+from ml_collections import config_flags
+from absl import flags
+
+from rsalign_jax import configlib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_parse_arg_types_bare_booleans_and_positional():
+  arg = configlib.parse_arg("rsicd,runlocal,batch_size=64,lr=0.5", positional="dataset", dataset="synthetic",
+                            runlocal=False, batch_size=128, lr=1.0)
+  assert (arg.dataset, arg.runlocal, arg.batch_size, arg.lr) == ("rsicd", True, 64, 0.5)
+  assert isinstance(arg.batch_size, int)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_sise=3", "unknown option 'batch_sise'"),
+    ("runlocal=maybe", "expected a boolean"),
+    ("batch_size=big", "expected int"),
+    ("rsicd", "not a boolean option"),
+])
+def test_parse_arg_errors(text, message):
+  with pytest.raises(ValueError, match=message):
+    configlib.parse_arg(text, runlocal=False, batch_size=128)
+
+
+def test_hvsa_default_paper_and_runlocal_configs():
+  default = load_config("hvsa")
+  assert default.dataset.name == "synthetic_rs/small" and default.model_name == "hvsa"
+  paper = load_config("hvsa", "rsitmd")
+  assert (paper.dataset.name, paper.optimizer.lr, paper.input.batch_size, paper.total_epochs) == ("rsitmd", 5e-4,
+                                                                                               256, 50)
+  assert (paper.model.word_dim, paper.model.hidden_dim, paper.model.resnet_width) == (620, 2400, 64)
+  assert paper.input.pp_train == "decode|resize(278)|random_rotate(0, 90)|random_crop(256)|normalize"
+  assert paper.schedule.to_dict() == dict(name="warmup_step_decay", warmup_epochs=10, decay_every_epochs=20,
+                                          decay_factor=0.1)
+  assert load_config("hvsa", "rsicd").optimizer.lr == 1e-3
+  local = load_config("hvsa", "runlocal")
+  assert local.dataset.name == "synthetic_rs/tiny" and local.total_steps > 0
+
+
+def test_command_line_overrides_are_typed_and_locked():
+  def parse(*overrides):
+    argv = ["prog", f"--config={CONFIGS / 'hvsa.py'}:runlocal", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+  config = parse("--config.optimizer.lr=0.25", "--config.input.batch_size=32")
+  assert config.optimizer.lr == 0.25 and config.input.batch_size == 32
+  assert config.dataset.name == "synthetic_rs/tiny"
+  with pytest.raises(AttributeError, match="learning_rate"):
+    parse("--config.optimizer.learning_rate=0.1")
+  with pytest.raises(flags.IllegalFlagValueError):
+    parse("--config.input.batch_size=big")
+
+
+def test_locked_config_rejects_new_fields():
+  config = load_config("hvsa")
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.optimizer.learning_rate = 0.1
+  assert isinstance(config, ml_collections.ConfigDict)
