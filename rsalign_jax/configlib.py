@@ -50,7 +50,7 @@ def dataset_config(name, manual_dir=""):
   if name == "synthetic":
     return ml_collections.ConfigDict(dict(
         name="synthetic_rs/small", data_dir="", manual_dir="", train_split="train", val_split="val",
-        test_split="test", image_size=64))
+        test_split="test", image_size=80))
   return ml_collections.ConfigDict(dict(
       name=name, data_dir="", manual_dir=manual_dir, train_split="train", val_split="val", test_split="test",
       image_size=256))

@@ -229,7 +229,7 @@ def train_and_evaluate(config, workdir):
         if val["rsum"] > meta["best_val_rsum"]:
           meta.update(best_val_rsum=val["rsum"], best_step=step, best_val=val)
           best_checkpointer.save(step, state, meta={"step": step, "val": val})
-        window_start = time.time()
+        window_start, window_steps = time.time(), 0
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         checkpointer.save(step, state, loader_state=prefetcher.state, meta=meta)
   finally:

@@ -1,4 +1,5 @@
 """Shared numerics of the losses: precision, normalisation and the papers' cosine similarity (METHODS 1.7)."""
+import jax
 import jax.numpy as jnp
 
 
@@ -13,7 +14,7 @@ def l2_normalize(x, eps=1e-12):
 
 
 def cosine_similarity(a, b, eps=1e-8):
-  """S_ij = <a_i, b_j> / max(||a_i|| ||b_j||, eps)."""
+  """S_ij = <a_i, b_j> / max(||a_i|| ||b_j||, eps), one full-precision matmul (rankings must not depend on TF32)."""
   a, b = upcast(a), upcast(b)
   norms = jnp.linalg.norm(a, axis=-1)[:, None] * jnp.linalg.norm(b, axis=-1)[None, :]
-  return (a @ b.T) / jnp.maximum(norms, eps)
+  return jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST) / jnp.maximum(norms, eps)

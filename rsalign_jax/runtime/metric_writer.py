@@ -1,4 +1,6 @@
 """Scalars and tables to TensorBoard event files (tensorboardX, no TensorFlow) and the console, from process 0."""
+import logging as python_logging
+
 import jax
 from absl import logging
 
@@ -16,7 +18,8 @@ class MetricWriter:
     if not self._active:
       return
     for name, value in values.items():
-      self._writer.add_scalar(f"{prefix}{name}", float(value), step)
+      self._writer.add_scalar(f"{prefix}{name}".replace("@", ""), float(value), step)  # TensorBoard tags: no '@'
+
     self._writer.flush()
 
   def text(self, step, name, text):
@@ -27,6 +30,12 @@ class MetricWriter:
   def close(self):
     if self._writer is not None:
       self._writer.close()
+
+
+def quiet_library_info_logs(prefixes=("/orbax/", "/grain/")):
+  """Keeps libraries' per-save/per-read INFO lines out of the console; their warnings and errors still show."""
+  logging.get_absl_logger().addFilter(
+      lambda record: record.levelno >= python_logging.WARNING or not any(p in record.pathname for p in prefixes))
 
 
 def log(message, *args):

@@ -1,0 +1,68 @@
+"""The retrieval evaluator on 8 devices with a toy model whose retrieval is known exactly."""
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from rsalign_jax.data.tokenizers import WordVocab
+from rsalign_jax.evaluation.evaluator import RetrievalEvaluator
+from rsalign_jax.runtime import sharding as sharding_lib
+
+NUM_IMAGES = 12  # not a multiple of the batch: the last batch is padded
+
+
+def source(captions_of):
+  records = []
+  for i in range(NUM_IMAGES):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.full((4, 4, 3), i * 10, np.uint8)).save(buf, "PNG")
+    records.append({"image": buf.getvalue(), "captions": [c.encode() for c in captions_of(i)], "image_id": i})
+  return records
+
+
+def toy_functions(vocab, num_classes):
+  """Image i -> one-hot(i // group); caption 'objecti ...' -> one-hot(i // group): retrieval by group."""
+  word_class = np.zeros(vocab.size, np.int32)
+  for i in range(NUM_IMAGES):
+    word_class[vocab.word2idx[f"object{i}"]] = i
+  word_class = jnp.asarray(word_class)
+  group = NUM_IMAGES // num_classes
+
+  def embed_images(variables, images):
+    index = jnp.round(images[:, 0, 0, 0] / 10).astype(jnp.int32)
+    return jax.nn.one_hot(index // group, num_classes)
+
+  def embed_texts(variables, tokens, lengths):
+    return jax.nn.one_hot(word_class[tokens[:, 0]] // group, num_classes)
+
+  return embed_images, embed_texts, lambda variables, a, b: a @ b.T
+
+
+def make_evaluator(records, vocab):
+  return RetrievalEvaluator(records, vocab, pp_spec="decode", max_len=4, batch_size=8,
+                            mesh=sharding_lib.make_mesh())
+
+
+def test_perfect_toy_retrieval_scores_100():
+  records = source(lambda i: [f"object{i} seen from above", f"object{i} again"])
+  vocab = WordVocab.build([c.decode() for r in records for c in r["captions"]], min_count=1, stopwords="keep")
+  evaluator = make_evaluator(records, vocab)
+  metrics = evaluator.run({}, *toy_functions(vocab, num_classes=NUM_IMAGES))
+  assert jax.device_count() == 8
+  assert all(metrics[k] == 100.0 for k in ("i2t_R@1", "t2i_R@1", "i2t_R@10", "t2i_R@10"))
+
+
+def test_identical_captions_are_embedded_once_and_tie_exactly():
+  records = source(lambda i: [f"object{i} here", f"object{i} here", f"object{i} here"])
+  vocab = WordVocab.build([c.decode() for r in records for c in r["captions"]], min_count=1, stopwords="keep")
+  evaluator = make_evaluator(records, vocab)
+  embed_images, embed_texts, score = toy_functions(vocab, num_classes=NUM_IMAGES // 3)
+  images, texts = evaluator.embeddings({}, embed_images, embed_texts)
+  assert images.shape == (NUM_IMAGES, NUM_IMAGES // 3) and texts.shape == (NUM_IMAGES, NUM_IMAGES // 3)
+  metrics = evaluator.run({}, embed_images, embed_texts, score)
+  # Groups of 3 images are indistinguishable: t2i R@1 is 1/3 in expectation, R@5 certain.
+  np.testing.assert_allclose([metrics["t2i_R@1"], metrics["t2i_R@5"]], [100 / 3, 100.0])
+  # i2t: 9 tied captions in the group, 3 of them correct: P(first is correct) = 1/3.
+  np.testing.assert_allclose(metrics["i2t_R@1"], 100 / 3)

@@ -1,0 +1,63 @@
+"""The trainer end to end on the tiny synthetic benchmark, on 8 virtual CPU devices: steps, results, resume."""
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rsalign_jax import train
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def runlocal_config(tmp_path_factory, **overrides):
+  spec = importlib.util.spec_from_file_location("hvsa_config", CONFIGS / "hvsa.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def saved_params(workdir, step):
+  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")["params"]
+
+
+def test_trains_on_8_devices_and_writes_results(tmp_path_factory):
+  assert jax.device_count() == 8
+  workdir = tmp_path_factory.mktemp("run")
+  results = train.train_and_evaluate(runlocal_config(tmp_path_factory), str(workdir))
+  written = json.loads((workdir / "results.json").read_text())
+  assert written["test"] == results["test"]
+  for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum"):
+    assert 0.0 <= written["test"][key] <= (600.0 if key == "rsum" else 100.0)
+  assert written["random_init_test"] is not None and written["total_steps"] == 4
+  assert (workdir / "vocab.json").exists()
+  assert any(p.name.startswith("events.out.tfevents") for p in workdir.iterdir())
+
+
+def test_stop_and_resume_follows_the_uninterrupted_run(tmp_path_factory):
+  straight = tmp_path_factory.mktemp("straight")
+  train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=4), str(straight))
+  interrupted = tmp_path_factory.mktemp("interrupted")
+  train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=2), str(interrupted))
+  train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=4), str(interrupted))
+  for a, b in zip(jax.tree.leaves(saved_params(straight, 4)), jax.tree.leaves(saved_params(interrupted, 4))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  first_two = jax.tree.leaves(saved_params(interrupted, 2))
+  assert any(not np.allclose(a, b) for a, b in zip(first_two, jax.tree.leaves(saved_params(straight, 4))))
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path_factory):
+  config = runlocal_config(tmp_path_factory, **{"optimizer.lr": float("nan")})
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    train.train_and_evaluate(config, str(tmp_path_factory.mktemp("nan")))
