@@ -85,8 +85,8 @@ def train_step(state, batch, *, model, objective, tx, schedule, dropout_key):
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, **aux, "l2_grads": optax.global_norm(grads), "l2_params": optax.global_norm(params),
-             "l2_updates": optax.global_norm(updates), "lr": schedule(state.step)}
+  metrics = {"loss": loss, **aux, "l2_grads": optax.tree.norm(grads), "l2_params": optax.tree.norm(params),
+             "l2_updates": optax.tree.norm(updates), "lr": schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, metrics
 
@@ -126,6 +126,7 @@ def _format_duration(seconds):
 
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and returns the results dict."""
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding_lib.make_mesh()
   data_sharding = sharding_lib.batch_sharding(mesh)

@@ -32,10 +32,11 @@ def saved_params(workdir, step):
   return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")["params"]
 
 
-def test_trains_on_8_devices_and_writes_results(tmp_path_factory):
+def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   assert jax.device_count() == 8
   workdir = tmp_path_factory.mktemp("run")
-  results = train.train_and_evaluate(runlocal_config(tmp_path_factory), str(workdir))
+  monkeypatch.chdir(workdir.parent)  # a relative --workdir, as in the README
+  results = train.train_and_evaluate(runlocal_config(tmp_path_factory), workdir.name)
   written = json.loads((workdir / "results.json").read_text())
   assert written["test"] == results["test"]
   for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum"):
