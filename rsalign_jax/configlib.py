@@ -45,15 +45,25 @@ def hvsa_augmentation(size):
   return f"decode|resize({round(size * 278 / 256)})|random_rotate(0, 90)|random_crop({size})|normalize"
 
 
+# Config-arg dataset names -> tfds builder names (modules of rsalign_jax.data).
+REAL_DATASETS = {"rsicd": "rsicd", "rsitmd": "rsitmd", "ucm": "ucm_captions", "sydney": "sydney_captions"}
+
+
 def dataset_config(name, manual_dir=""):
-  """Dataset, splits and image size for a config arg's dataset: the synthetic benchmark or a paper dataset."""
+  """Dataset, splits and image size for a config arg's dataset: the synthetic benchmark or a real RS dataset.
+
+  Real datasets follow the papers' protocol: train/val are the re-split of the official train images
+  (`train_papers`/`val_papers`), the test split is the official one; images are resized to 256 px.
+  """
   if name == "synthetic":
     return ml_collections.ConfigDict(dict(
         name="synthetic_rs/small", data_dir="", manual_dir="", train_split="train", val_split="val",
         test_split="test", image_size=80))
+  if name not in REAL_DATASETS:
+    raise ValueError(f"dataset {name!r}: expected 'synthetic' or one of {sorted(REAL_DATASETS)}")
   return ml_collections.ConfigDict(dict(
-      name=name, data_dir="", manual_dir=manual_dir, train_split="train", val_split="val", test_split="test",
-      image_size=256))
+      name=REAL_DATASETS[name], data_dir="", manual_dir=manual_dir, train_split="train_papers",
+      val_split="val_papers", test_split="test", image_size=256))
 
 
 def base_config(arg):

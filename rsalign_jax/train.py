@@ -126,9 +126,13 @@ def _format_duration(seconds):
 
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and returns the results dict."""
-  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
-  os.makedirs(workdir, exist_ok=True)
   mesh = sharding_lib.make_mesh()
+  with jax.set_mesh(mesh):  # sharded losses (`loss.impl`) take the mesh from this context
+    return _train_and_evaluate(config, os.path.abspath(workdir), mesh)  # orbax needs absolute paths
+
+
+def _train_and_evaluate(config, workdir, mesh):
+  os.makedirs(workdir, exist_ok=True)
   data_sharding = sharding_lib.batch_sharding(mesh)
   if config.input.batch_size % jax.device_count():
     raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by the "

@@ -47,7 +47,13 @@ def test_hvsa_default_paper_and_runlocal_configs():
   assert paper.input.pp_train == "decode|resize(278)|random_rotate(0, 90)|random_crop(256)|normalize"
   assert paper.schedule.to_dict() == dict(name="warmup_step_decay", warmup_epochs=10, decay_every_epochs=20,
                                           decay_factor=0.1)
-  assert load_config("hvsa", "rsicd").optimizer.lr == 1e-3
+  rsicd = load_config("hvsa", "rsicd,manual_dir=/data/RSICD")
+  assert rsicd.optimizer.lr == 1e-3 and rsicd.dataset.manual_dir == "/data/RSICD"
+  assert (rsicd.dataset.train_split, rsicd.dataset.val_split, rsicd.dataset.test_split) == ("train_papers",
+                                                                                          "val_papers", "test")
+  assert load_config("hvsa", "ucm").dataset.name == "ucm_captions"
+  with pytest.raises(ValueError, match="dataset 'coco': expected 'synthetic' or one of"):
+    load_config("hvsa", "coco")
   local = load_config("hvsa", "runlocal")
   assert local.dataset.name == "synthetic_rs/tiny" and local.total_steps > 0
 
