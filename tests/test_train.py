@@ -11,13 +11,14 @@ import pytest
 from rsalign_jax import train
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+RSICD_AID150 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd_aid150"
 
 
-def runlocal_config(tmp_path_factory, **overrides):
+def runlocal_config(tmp_path_factory, arg="runlocal", **overrides):
   spec = importlib.util.spec_from_file_location("hvsa_config", CONFIGS / "hvsa.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
+  config = module.get_config(arg)
   config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
   for key, value in overrides.items():
     node = config
@@ -36,7 +37,8 @@ def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   assert jax.device_count() == 8
   workdir = tmp_path_factory.mktemp("run")
   monkeypatch.chdir(workdir.parent)  # a relative --workdir, as in the README
-  results = train.train_and_evaluate(runlocal_config(tmp_path_factory), workdir.name)
+  config = runlocal_config(tmp_path_factory, **{"loss.impl": "ring"})  # the sharded loss path, inside the trainer
+  results = train.train_and_evaluate(config, workdir.name)
   written = json.loads((workdir / "results.json").read_text())
   assert written["test"] == results["test"]
   for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum"):
@@ -62,3 +64,11 @@ def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path_factory):
   config = runlocal_config(tmp_path_factory, **{"optimizer.lr": float("nan")})
   with pytest.raises(FloatingPointError, match="non-finite"):
     train.train_and_evaluate(config, str(tmp_path_factory.mktemp("nan")))
+
+
+@pytest.mark.skipif(not RSICD_AID150.is_dir(), reason="real data ../shared/data/rsicd_aid150 is absent")
+def test_hvsa_trains_on_real_rsicd(tmp_path_factory):
+  config = runlocal_config(tmp_path_factory, arg=f"rsicd,runlocal,manual_dir={RSICD_AID150}", eval_random_init=False)
+  results = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("rsicd")))
+  assert results["dataset"] == "rsicd" and results["test_images"] == 1027
+  assert np.isfinite(results["test"]["mR"])

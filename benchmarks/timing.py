@@ -1,0 +1,53 @@
+"""Shared by the benchmark scripts: load a method config and time its jitted train step on random inputs."""
+import functools
+import importlib.util
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from rsalign_jax import optimizers
+from rsalign_jax import train
+from rsalign_jax.runtime import sharding as sharding_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+_VOCAB = 250
+
+
+def load_config(name, arg=None):
+  """`configs/<name>.py`'s get_config(arg)."""
+  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def time_train_step(config, image_size, steps=5):
+  """(compile + first step seconds, seconds per step, images/s) of `config` at its global batch size."""
+  mesh = sharding_lib.make_mesh()
+  batch_size = config.input.batch_size
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+           "tokens": rng.integers(1, _VOCAB, size=(batch_size, config.text.max_len)).astype(np.int32),
+           "lengths": rng.integers(8, 16, size=(batch_size,)).astype(np.int32),
+           "image_id": np.arange(batch_size, dtype=np.int32)}
+  batch = sharding_lib.to_global(batch, sharding_lib.batch_sharding(mesh))
+  model, objective = train.build_model(config, _VOCAB), train.build_objective(config)
+  schedule = optimizers.make_schedule(config, steps_per_epoch=100)
+  tx = optimizers.make_optimizer(config, schedule)
+  with jax.set_mesh(mesh):
+    state = jax.jit(functools.partial(train.create_train_state, model=model, objective=objective, tx=tx,
+                                      example=jax.tree.map(lambda x: x[:16], batch)))(jax.random.key(0))
+    step = jax.jit(functools.partial(train.train_step, model=model, objective=objective, tx=tx, schedule=schedule,
+                                     dropout_key=jax.random.key(1)))
+    start = time.time()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.time() - start
+    start = time.time()
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+  seconds = (time.time() - start) / steps
+  return compile_seconds, seconds, batch_size / seconds
