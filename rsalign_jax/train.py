@@ -18,7 +18,7 @@ import optax
 
 from rsalign_jax import optimizers
 from rsalign_jax.data import pipeline, preprocessing, sources
-from rsalign_jax.data.tokenizers import WordVocab
+from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.runtime import checkpointing, metric_writer
@@ -46,8 +46,16 @@ def build_objective(config):
   return importlib.import_module(f"rsalign_jax.losses.{config.loss_name}").Objective(**config.loss.to_dict())
 
 
-def load_vocab(config, train_captions, workdir):
-  """The word vocabulary: `text.vocab_file` if given, else the one saved in workdir, else built from train."""
+def load_tokenizer(config, train_captions, workdir):
+  """`text.tokenizer`: 'word' (the papers' vocabulary: `text.vocab_file`, else the one saved in workdir, else built
+  from the train captions and saved) or 'wordpiece' (BERT-style towers; `text.vocab_file` is a vocab.txt)."""
+  kind = config.text.tokenizer
+  if kind == "wordpiece":
+    if not config.text.get("vocab_file"):
+      raise ValueError("text.tokenizer='wordpiece' needs text.vocab_file: a BERT/MiniLM vocab.txt")
+    return WordPieceTokenizer(config.text.vocab_file)
+  if kind != "word":
+    raise ValueError(f"text.tokenizer={kind!r}: expected 'word' or 'wordpiece'")
   if config.text.get("vocab_file"):
     return WordVocab.load(config.text.vocab_file, config.text.stopwords)
   path = os.path.join(workdir, "vocab.json")
@@ -143,9 +151,9 @@ def _train_and_evaluate(config, workdir, mesh):
   # --- Data ----------------------------------------------------------------------------------------------------
   train_source = sources.open_split(config.dataset, config.dataset.train_split)
   train_index = sources.CaptionIndex.read(train_source)
-  vocab = load_vocab(config, train_index.captions, workdir)
+  vocab = load_tokenizer(config, train_index.captions, workdir)
   tokens, lengths, truncated = vocab.encode_batch(train_index.captions, config.text.max_len)
-  log("train: %d images, %d captions; vocabulary %d words; %d captions truncated to %d tokens",
+  log("train: %d images, %d captions; vocabulary of %d tokens; %d captions truncated to %d tokens",
       train_index.num_images, len(train_index.captions), vocab.size - 1, truncated, config.text.max_len)
   items = pipeline.TrainItems(
       train_source, train_index, tokens, lengths, sampling=config.input.sampling,

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from rsalign_jax.data.tokenizers import UNK, WordVocab, split_words
+from rsalign_jax.data.tokenizers import UNK, WordPieceTokenizer, WordVocab, split_words
 
 CAPTIONS = ["Many planes are parked near the terminal .", "some planes are parked in an airport .",
             "the airport has many planes ; planes , planes !"]
@@ -58,3 +58,27 @@ def test_load_errors_name_the_file(tmp_path):
     WordVocab.load(tmp_path / "list.json")
   with pytest.raises(ValueError, match="stopwords"):
     WordVocab.build(CAPTIONS, stopwords="remove")
+
+
+def write_wordpiece_vocab(path):
+  path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "plane", "##s", "the", "air", "##port"])
+                  + "\n")
+  return path
+
+
+def test_wordpiece_tokenizer_splits_subwords_pads_and_truncates(tmp_path):
+  tokenizer = WordPieceTokenizer(write_wordpiece_vocab(tmp_path / "vocab.txt"))
+  assert tokenizer.size == 10
+  tokens, lengths, truncated = tokenizer.encode_batch(["The planes", "airport planes boats"], max_len=6)
+  np.testing.assert_array_equal(tokens[0], [2, 7, 5, 6, 3, 0])  # [CLS] the plane ##s [SEP] [PAD]
+  np.testing.assert_array_equal(tokens[1], [2, 8, 9, 5, 6, 3])  # truncated, [SEP] kept last
+  np.testing.assert_array_equal(lengths, [5, 6])
+  assert truncated == 1
+
+
+def test_wordpiece_tokenizer_rejects_a_file_that_is_not_a_bert_vocab(tmp_path):
+  (tmp_path / "words.txt").write_text("plane\nairport\n")
+  with pytest.raises(ValueError, match="not a BERT WordPiece vocab.txt"):
+    WordPieceTokenizer(tmp_path / "words.txt")
+  with pytest.raises(ValueError, match="cannot read the WordPiece vocab.txt"):
+    WordPieceTokenizer(tmp_path / "absent.txt")

@@ -14,11 +14,15 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 RSICD_AID150 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd_aid150"
 
 
-def runlocal_config(tmp_path_factory, arg="runlocal", **overrides):
+def hvsa_config(arg="runlocal"):
   spec = importlib.util.spec_from_file_location("hvsa_config", CONFIGS / "hvsa.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  return module.get_config(arg)
+
+
+def runlocal_config(tmp_path_factory, arg="runlocal", **overrides):
+  config = hvsa_config(arg)
   config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
   for key, value in overrides.items():
     node = config
@@ -72,3 +76,25 @@ def test_hvsa_trains_on_real_rsicd(tmp_path_factory):
   results = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("rsicd")))
   assert results["dataset"] == "rsicd" and results["test_images"] == 1027
   assert np.isfinite(results["test"]["mR"])
+
+
+def test_tokenizer_choice_errors_are_clear(tmp_path):
+  config = runlocal_config_for_text(tokenizer="wordpiece")
+  with pytest.raises(ValueError, match="needs text.vocab_file"):
+    train.load_tokenizer(config, [], str(tmp_path))
+  config = runlocal_config_for_text(tokenizer="sentencepiece")
+  with pytest.raises(ValueError, match="text.tokenizer='sentencepiece'"):
+    train.load_tokenizer(config, [], str(tmp_path))
+
+
+def test_word_vocabulary_is_built_once_and_reused_from_the_workdir(tmp_path):
+  config = runlocal_config_for_text(tokenizer="word", min_count=1)
+  built = train.load_tokenizer(config, ["two planes", "one ship"], str(tmp_path))
+  reloaded = train.load_tokenizer(config, ["completely different words"], str(tmp_path))
+  assert reloaded.word2idx == built.word2idx and "planes" in reloaded.word2idx
+
+
+def runlocal_config_for_text(**text):
+  config = hvsa_config()
+  config.text.update(text)
+  return config

@@ -100,3 +100,43 @@ class WordVocab:
     if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
       raise ValueError(f"{path}: expected a JSON object with a 'word2idx' mapping")
     return cls(data["word2idx"], stopwords or data.get("stopwords", "unk"))
+
+
+class WordPieceTokenizer:
+  """BERT WordPiece ids ([CLS] words [SEP], 0-padded) from a local `vocab.txt`, for BERT/MiniLM text towers.
+
+  Uses transformers' `BertTokenizer(vocab=...)` (lowercasing, as the uncased BERT/MiniLM vocabularies expect).
+  It refuses a vocabulary that maps ordinary words to [UNK], the symptom of a tokenizer that ignored its file.
+  """
+
+  def __init__(self, vocab_file, *, lowercase=True):
+    import transformers  # pylint: disable=g-import-not-at-top  (heavy; only BERT-style towers need it)
+    try:
+      with open(vocab_file) as f:
+        words = [line.rstrip("\n") for line in f]
+    except OSError as e:
+      raise ValueError(f"text.vocab_file={vocab_file!r}: cannot read the WordPiece vocab.txt ({e})") from None
+    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in words]
+    if missing:
+      raise ValueError(f"{vocab_file}: not a BERT WordPiece vocab.txt (no {', '.join(missing)} entries)")
+    self._tokenizer = transformers.BertTokenizer(vocab=str(vocab_file), do_lower_case=lowercase)
+    if len(self._tokenizer) != len(words):
+      raise ValueError(f"{vocab_file}: the tokenizer loaded {len(self._tokenizer)} of its {len(words)} entries")
+
+  @property
+  def size(self):
+    return len(self._tokenizer)
+
+  def encode_batch(self, captions, max_len):
+    """(tokens (N, max_len) int32 0-padded, lengths (N,) int32 incl. [CLS]/[SEP], truncated count)."""
+    full = self._tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+    tokens = np.zeros((len(full), max_len), np.int32)
+    lengths = np.zeros((len(full),), np.int32)
+    truncated = 0
+    for row, ids in enumerate(full):
+      if len(ids) > max_len:
+        truncated += 1
+        ids = ids[:max_len - 1] + ids[-1:]  # keep [SEP] last
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    return tokens, lengths, truncated
