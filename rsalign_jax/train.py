@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` trains with the global batch sharded over a ('data',) mesh, evaluates on the
 validation split every `eval_every_epochs`, keeps the best-by-val-rsum state, resumes automatically from the newest
-checkpoint in `workdir`, and ends with the test evaluation written to `workdir/results.json`.
+checkpoint in `workdir`, and ends with the test evaluation written to `workdir/results.json`. On a preemption notice
+(SIGTERM) it finishes the current step, checkpoints it and returns early; re-running the same command resumes.
 """
 import functools
 import importlib
@@ -21,7 +22,7 @@ from rsalign_jax.data import pipeline, preprocessing, sources
 from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
 from rsalign_jax.evaluation import metrics as metrics_lib
-from rsalign_jax.runtime import checkpointing, metric_writer
+from rsalign_jax.runtime import checkpointing, metric_writer, preemption
 from rsalign_jax.runtime import sharding as sharding_lib
 
 log = metric_writer.log
@@ -120,7 +121,8 @@ class _Retrieval:
 
 
 def _check_finite(step, metrics):
-  bad = [k for k in ("loss", "l2_grads") if not np.isfinite(metrics[k])]
+  """The loss and gradients of the step and the parameters it produced (a NaN learning rate spoils only the last)."""
+  bad = [k for k in ("loss", "l2_grads", "l2_params") if not np.isfinite(metrics[k])]
   if bad:
     raise FloatingPointError(
         f"step {step}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)}; stopping before any checkpoint of "
@@ -205,6 +207,7 @@ def _train_and_evaluate(config, workdir, mesh):
   if checkpointer.latest_step() is not None:
     state, loader_state, meta = checkpointer.restore(abstract_state)
     loader_iterator.set_state(loader_state)
+    writer.truncate_after(int(state.step))
     log("resumed from %s at step %d", workdir, int(state.step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
@@ -219,6 +222,8 @@ def _train_and_evaluate(config, workdir, mesh):
   log("training steps %d..%d (%d steps/epoch, global batch %d)", step, total_steps, steps_per_epoch,
       config.input.batch_size)
   window_start, window_steps, train_start = time.time(), 0, time.time()
+  preemption_watch = preemption.PreemptionWatch()
+  preempted = False
   try:
     while step < total_steps:
       state, step_metrics = step_fn(state, next(prefetcher))
@@ -243,13 +248,23 @@ def _train_and_evaluate(config, workdir, mesh):
           meta.update(best_val_rsum=val["rsum"], best_step=step, best_val=val)
           best_checkpointer.save(step, state, meta={"step": step, "val": val})
         window_start, window_steps = time.time(), 0
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      preempted = preemption_watch.reached(step)
+      if preempted or step % config.checkpoint_every_steps == 0 or step == total_steps:
         checkpointer.save(step, state, loader_state=prefetcher.state, meta=meta)
+      if preempted:
+        break
   finally:
+    preemption_watch.close()
     prefetcher.close()
     checkpointer.wait_until_finished()
     best_checkpointer.wait_until_finished()
   train_seconds = time.time() - train_start
+  if preempted:
+    log("preempted: checkpoint saved at step %d; re-run the same command to resume", step)
+    writer.close()
+    checkpointer.close()
+    best_checkpointer.close()
+    return {"preempted_at_step": step}
 
   # --- Test ------------------------------------------------------------------------------------------------------
   tested = "last"

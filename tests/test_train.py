@@ -65,9 +65,11 @@ def test_stop_and_resume_follows_the_uninterrupted_run(tmp_path_factory):
 
 
 def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path_factory):
-  config = runlocal_config(tmp_path_factory, **{"optimizer.lr": float("nan")})
+  config = runlocal_config(tmp_path_factory, **{"optimizer.lr": float("nan"), "checkpoint_every_steps": 1})
+  workdir = tmp_path_factory.mktemp("nan")
   with pytest.raises(FloatingPointError, match="non-finite"):
-    train.train_and_evaluate(config, str(tmp_path_factory.mktemp("nan")))
+    train.train_and_evaluate(config, str(workdir))
+  assert not list((workdir / "checkpoints").iterdir())  # the NaN state of step 1 was never saved
 
 
 @pytest.mark.skipif(not RSICD_AID150.is_dir(), reason="real data ../shared/data/rsicd_aid150 is absent")

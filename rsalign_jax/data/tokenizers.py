@@ -10,6 +10,7 @@ The json format is the papers' (`word2idx`, `idx2word`, `idx`), so their shipped
 """
 import collections
 import json
+import os
 import re
 
 import numpy as np
@@ -85,9 +86,11 @@ class WordVocab:
     return tokens, lengths, truncated
 
   def save(self, path):
+    """Writes then renames, so another process (or a restart) never reads a half-written file."""
     idx2word = {str(i): w for w, i in self.word2idx.items()}
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:
       json.dump({"word2idx": self.word2idx, "idx2word": idx2word, "idx": self.size, "stopwords": self.stopwords}, f)
+    os.replace(f"{path}.tmp", path)
 
   @classmethod
   def load(cls, path, stopwords=None):

@@ -19,6 +19,9 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step, state, *, loader_state=None, meta=None):
+    """Saves `step`, replacing a checkpoint of the same step (a run killed after saving it redoes the step)."""
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
     if loader_state is not None:
       items["loader"] = ocp.args.JsonSave(json.loads(loader_state))
