@@ -76,9 +76,9 @@ def main(argv):
         seconds = time_loader(source, index, size, workers)
         print(f"| {label} | {size} | {workers} | {seconds:.3f} | {_BATCH_SIZE.value / seconds:.0f} |", flush=True)
   config = timing.load_config("hvsa")
-  _, seconds, images_per_second = timing.time_train_step(config, config.dataset.image_size)
+  step = timing.time_train_step(config, config.dataset.image_size)
   print(f"\nThe default HVSA training step (configs/hvsa.py: {config.dataset.image_size} px, batch "
-        f"{config.input.batch_size}) consumes {images_per_second:.0f} images/s ({seconds:.3f} s/step).")
+        f"{config.input.batch_size}) consumes {step['images_per_s']:.0f} images/s ({step['s_per_step']:.3f} s/step).")
 
 
 if __name__ == "__main__":

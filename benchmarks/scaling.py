@@ -11,12 +11,10 @@ On a CPU host the N virtual devices share the same cores (2 on this project's ma
 with N: the table shows the sharding overhead (collectives, the (B, B) loss growing with the global batch) and
 that per-device memory stays roughly flat at a fixed per-device batch, which is what lets real accelerators scale.
 """
-import functools
 import json
 import os
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -31,43 +29,12 @@ _CHILD = flags.DEFINE_bool("child", False, "Internal: measure this process's dev
 def measure(per_device_batch, image_size, steps):
   """{devices, global_batch, compile_s, s_per_step, images_per_s, temp_mib} of this process's devices."""
   import jax  # imported here: the parent process must not initialise a backend before setting XLA_FLAGS
-  import numpy as np
   import timing
-  from rsalign_jax import optimizers
-  from rsalign_jax import train
-  from rsalign_jax.runtime import sharding as sharding_lib
 
   config = timing.load_config("hvsa")
-  config.input.batch_size = batch_size = per_device_batch * jax.device_count()
-  mesh = sharding_lib.make_mesh()
-  rng = np.random.default_rng(0)
-  vocab = 250
-  batch = {"image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
-           "tokens": rng.integers(1, vocab, size=(batch_size, config.text.max_len)).astype(np.int32),
-           "lengths": rng.integers(8, 16, size=(batch_size,)).astype(np.int32),
-           "image_id": np.arange(batch_size, dtype=np.int32)}
-  batch = sharding_lib.to_global(batch, sharding_lib.batch_sharding(mesh))
-  model, objective = train.build_model(config, vocab), train.build_objective(config)
-  schedule = optimizers.make_schedule(config, steps_per_epoch=100)
-  tx = optimizers.make_optimizer(config, schedule)
-  with jax.set_mesh(mesh):
-    state = jax.jit(functools.partial(train.create_train_state, model=model, objective=objective, tx=tx,
-                                      example=jax.tree.map(lambda x: x[:16], batch)),
-                    out_shardings=sharding_lib.replicated(mesh))(jax.random.key(0))
-    start = time.time()
-    step = jax.jit(functools.partial(train.train_step, model=model, objective=objective, tx=tx, schedule=schedule,
-                                     dropout_key=jax.random.key(1))).lower(state, batch).compile()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.time() - start
-    start = time.time()
-    for _ in range(steps):
-      state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-  seconds = (time.time() - start) / steps
-  return {"devices": jax.device_count(), "global_batch": batch_size, "compile_s": compile_seconds,
-          "s_per_step": seconds, "images_per_s": batch_size / seconds,
-          "temp_mib": step.memory_analysis().temp_size_in_bytes / 2**20}
+  config.input.batch_size = per_device_batch * jax.device_count()
+  return {"devices": jax.device_count(), "global_batch": config.input.batch_size,
+          **timing.time_train_step(config, image_size, steps)}
 
 
 def run_subprocess(devices):

@@ -29,8 +29,9 @@ def main(argv):
   for size in (int(s) for s in _SIZES.value):
     for width in widths:
       config.model.resnet_width = width
-      compile_seconds, seconds, images_per_second = timing.time_train_step(config, size, _STEPS.value)
-      print(f"| {size} | {width} | {compile_seconds:.1f} | {seconds:.3f} | {images_per_second:.0f} |", flush=True)
+      r = timing.time_train_step(config, size, _STEPS.value)
+      print(f"| {size} | {width} | {r['compile_s']:.1f} | {r['s_per_step']:.3f} | {r['images_per_s']:.0f} |",
+            flush=True)
 
 
 if __name__ == "__main__":
