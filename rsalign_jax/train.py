@@ -5,6 +5,7 @@ validation split every `eval_every_epochs`, keeps the best-by-val-rsum state, re
 checkpoint in `workdir`, and ends with the test evaluation written to `workdir/results.json`. On a preemption notice
 (SIGTERM) it finishes the current step, checkpoints it and returns early; re-running the same command resumes.
 """
+import dataclasses
 import functools
 import importlib
 import json
@@ -14,10 +15,12 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from rsalign_jax import optimizers
+from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import pipeline, preprocessing, sources
 from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
@@ -68,12 +71,22 @@ def load_tokenizer(config, train_captions, workdir):
   return vocab
 
 
+def model_fields(model):
+  """The per-image fields (`rsalign_jax.data.fields`) a model's towers take: its IMAGE_FIELDS and TEXT_FIELDS."""
+  return tuple(getattr(model, "IMAGE_FIELDS", ())) + tuple(getattr(model, "TEXT_FIELDS", ()))
+
+
+def model_inputs(model, batch):
+  """The positional inputs and field keywords of `model(...)` for a batch."""
+  return (batch["image"], batch["tokens"], batch["lengths"]), {name: batch[name] for name in model_fields(model)}
+
+
 def create_train_state(rng, model, objective, tx, example):
   """Initialises params, BN statistics and optimizer state from an example batch (only its shapes matter)."""
   model_rng, objective_rng, dropout_rng = jax.random.split(rng, 3)
-  variables = model.init({"params": model_rng, "dropout": dropout_rng}, example["image"], example["tokens"],
-                         example["lengths"], train=False)
-  outputs = model.apply(variables, example["image"], example["tokens"], example["lengths"], train=False)
+  args, fields = model_inputs(model, example)
+  variables = model.init({"params": model_rng, "dropout": dropout_rng}, *args, **fields, train=False)
+  outputs = model.apply(variables, *args, **fields, train=False)
   objective_params = objective.init(objective_rng, outputs, example).get("params", {})
   params = {"model": variables["params"], "objective": objective_params}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
@@ -84,10 +97,11 @@ def train_step(state, batch, *, model, objective, tx, schedule, dropout_key):
   """One update on a global batch; returns the new state and float32 scalar metrics."""
   rng = jax.random.fold_in(dropout_key, state.step)
 
+  args, fields = model_inputs(model, batch)
+
   def loss_fn(params):
-    outputs, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, batch["image"],
-                                   batch["tokens"], batch["lengths"], train=True, rngs={"dropout": rng},
-                                   mutable=["batch_stats"])
+    outputs, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, *args, **fields,
+                                   train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
     loss, aux = objective.apply({"params": params["objective"]}, outputs, batch)
     return loss, (aux, updates.get("batch_stats", {}))
 
@@ -110,9 +124,11 @@ class _Retrieval:
   def __init__(self, model, mesh):
     replicated = sharding_lib.replicated(mesh)
     self.embed_images = jax.jit(
-        lambda v, images: model.apply(v, images, train=False, method="embed_images"), out_shardings=replicated)
+        lambda v, images, fields: model.apply(v, images, **fields, train=False, method="embed_images"),
+        out_shardings=replicated)
     self.embed_texts = jax.jit(
-        lambda v, tokens, lengths: model.apply(v, tokens, lengths, train=False, method="embed_texts"),
+        lambda v, tokens, lengths, fields: model.apply(v, tokens, lengths, **fields, train=False,
+                                                       method="embed_texts"),
         out_shardings=replicated)
     self.score = jax.jit(lambda v, images, texts: model.apply(v, images, texts, method="score"))
 
@@ -141,41 +157,50 @@ def train_and_evaluate(config, workdir):
     return _train_and_evaluate(config, os.path.abspath(workdir), mesh)  # orbax needs absolute paths
 
 
-def _train_and_evaluate(config, workdir, mesh):
-  os.makedirs(workdir, exist_ok=True)
-  data_sharding = sharding_lib.batch_sharding(mesh)
-  if config.input.batch_size % jax.device_count():
-    raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by the "
-                     f"{jax.device_count()} devices")
-  writer = metric_writer.MetricWriter(workdir)
-  log("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+@dataclasses.dataclass
+class Setup:
+  """What a config builds before any step runs: training data, tokenizer, model, objective, optimizer, state shapes.
 
-  # --- Data ----------------------------------------------------------------------------------------------------
+  Shared by training and the modes that only load a trained state (`main --mode=eval|export|search`).
+  """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  train_source: object
+  train_index: sources.CaptionIndex
+  vocab: object
+  model: flax.linen.Module
+  objective: flax.linen.Module
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  steps_per_epoch: int
+  init_fn: functools.partial  # rng -> TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
+  state_sharding: TrainState
+  retrieval: "_Retrieval"
+
+  def make_evaluator(self, split):
+    config = self.config
+    return evaluator_lib.RetrievalEvaluator(
+        sources.open_split(config.dataset, split), self.vocab, pp_spec=config.input.pp_eval,
+        max_len=config.text.max_len, batch_size=config.eval_batch_size, mesh=self.mesh,
+        image_fields=tuple(getattr(self.model, "IMAGE_FIELDS", ())),
+        text_fields=tuple(getattr(self.model, "TEXT_FIELDS", ())))
+
+  def batch_fields(self):
+    """Fields every train batch carries: the objective's (`input.fields`) and the model's."""
+    return tuple(sorted(set(self.config.input.get("fields", ())) | set(model_fields(self.model))))
+
+
+def build_setup(config, workdir, mesh):
+  """Reads the training split's captions, loads or builds the tokenizer, and builds the model, objective,
+  optimizer and the (abstract, sharded) train state. Nothing is initialised or trained."""
   train_source = sources.open_split(config.dataset, config.dataset.train_split)
   train_index = sources.CaptionIndex.read(train_source)
   vocab = load_tokenizer(config, train_index.captions, workdir)
-  tokens, lengths, truncated = vocab.encode_batch(train_index.captions, config.text.max_len)
-  log("train: %d images, %d captions; vocabulary of %d tokens; %d captions truncated to %d tokens",
-      train_index.num_images, len(train_index.captions), vocab.size - 1, truncated, config.text.max_len)
-  items = pipeline.TrainItems(
-      train_source, train_index, tokens, lengths, sampling=config.input.sampling,
-      global_batch_size=config.input.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=config.seed, name=config.dataset.name)
-  steps_per_epoch = items.num_items // config.input.batch_size
+  steps_per_epoch = _num_items(config, train_index) // config.input.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"input.batch_size={config.input.batch_size} exceeds the {items.num_items} training items")
-  total_steps = config.get("total_steps") or config.total_epochs * steps_per_epoch
-  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-
-  def make_evaluator(split):
-    return evaluator_lib.RetrievalEvaluator(
-        sources.open_split(config.dataset, split), vocab, pp_spec=config.input.pp_eval,
-        max_len=config.text.max_len, batch_size=config.eval_batch_size, mesh=mesh)
-
-  val_evaluator = make_evaluator(config.dataset.val_split) if config.dataset.get("val_split") else None
-  test_evaluator = make_evaluator(config.dataset.test_split)
-
-  # --- Model, objective, optimizer, state (created sharded) ------------------------------------------------------
+    raise ValueError(f"input.batch_size={config.input.batch_size} exceeds the {_num_items(config, train_index)} "
+                     "training items")
   model = build_model(config, vocab.size)
   objective = build_objective(config)
   schedule = optimizers.make_schedule(config, steps_per_epoch)
@@ -186,18 +211,56 @@ def _train_and_evaluate(config, workdir, mesh):
              "tokens": jnp.ones((init_rows, config.text.max_len), jnp.int32),
              "lengths": jnp.full((init_rows,), config.text.max_len, jnp.int32),
              "image_id": jnp.arange(init_rows, dtype=jnp.int32)}
-  rng = jax.random.key(config.seed)
+  tokens, _, _ = vocab.encode_batch(train_index.captions[:1] * 5, config.text.max_len)
+  batch_fields = set(config.input.get("fields", ())) | set(model_fields(model))
+  for name in sorted(batch_fields):
+    value = np.asarray(fields_lib.get(name)(train_source[0], tokens))
+    example[name] = jnp.zeros((init_rows,) + value.shape, value.dtype)
   init_fn = functools.partial(create_train_state, model=model, objective=objective, tx=tx, example=example)
-  abstract_state = jax.eval_shape(init_fn, rng)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
   state_sharding = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
+  return Setup(config, mesh, train_source, train_index, vocab, model, objective, schedule, tx, steps_per_epoch,
+               init_fn, abstract_state, state_sharding, _Retrieval(model, mesh))
+
+
+def _num_items(config, index):
+  return len(index.captions) if config.input.sampling == "per_caption" else index.num_images
+
+
+def _train_and_evaluate(config, workdir, mesh):
+  os.makedirs(workdir, exist_ok=True)
+  data_sharding = sharding_lib.batch_sharding(mesh)
+  if config.input.batch_size % jax.device_count():
+    raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by the "
+                     f"{jax.device_count()} devices")
+  writer = metric_writer.MetricWriter(workdir)
+  log("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
+
+  setup = build_setup(config, workdir, mesh)
+  train_index, vocab = setup.train_index, setup.vocab
+  tokens, lengths, truncated = vocab.encode_batch(train_index.captions, config.text.max_len)
+  log("train: %d images, %d captions; vocabulary of %d tokens; %d captions truncated to %d tokens",
+      train_index.num_images, len(train_index.captions), vocab.size - 1, truncated, config.text.max_len)
+  items = pipeline.TrainItems(
+      setup.train_source, train_index, tokens, lengths, sampling=config.input.sampling,
+      global_batch_size=config.input.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed, name=config.dataset.name, fields=setup.batch_fields())
+  steps_per_epoch = setup.steps_per_epoch
+  total_steps = config.get("total_steps") or config.total_epochs * steps_per_epoch
+  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+  val_evaluator = setup.make_evaluator(config.dataset.val_split) if config.dataset.get("val_split") else None
+  test_evaluator = setup.make_evaluator(config.dataset.test_split)
+
+  rng = jax.random.key(config.seed)
+  model, state_sharding, abstract_state, retrieval = (setup.model, setup.state_sharding, setup.abstract_state,
+                                                      setup.retrieval)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, objective=objective, tx=tx, schedule=schedule,
+      functools.partial(train_step, model=model, objective=setup.objective, tx=setup.tx, schedule=setup.schedule,
                         dropout_key=jax.random.fold_in(rng, 1)),
       out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
       donate_argnums=(0,) if jax.devices()[0].platform != "cpu" else ())
-  retrieval = _Retrieval(model, mesh)
 
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   best_checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "best"), keep=1)
@@ -210,7 +273,7 @@ def _train_and_evaluate(config, workdir, mesh):
     writer.truncate_after(int(state.step))
     log("resumed from %s at step %d", workdir, int(state.step))
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    state = jax.jit(setup.init_fn, out_shardings=state_sharding)(rng)
     if config.eval_random_init:
       meta["random_init_test"] = retrieval.evaluate(test_evaluator, state)
       log("random-init test: %s", _summary(meta["random_init_test"]))

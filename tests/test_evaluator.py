@@ -30,11 +30,11 @@ def toy_functions(vocab, num_classes):
   word_class = jnp.asarray(word_class)
   group = NUM_IMAGES // num_classes
 
-  def embed_images(variables, images):
+  def embed_images(variables, images, fields):
     index = jnp.round(images[:, 0, 0, 0] / 10).astype(jnp.int32)
     return jax.nn.one_hot(index // group, num_classes)
 
-  def embed_texts(variables, tokens, lengths):
+  def embed_texts(variables, tokens, lengths, fields):
     return jax.nn.one_hot(word_class[tokens[:, 0]] // group, num_classes)
 
   return embed_images, embed_texts, lambda variables, a, b: a @ b.T

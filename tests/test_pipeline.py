@@ -19,16 +19,17 @@ def fake_source(num_images=12, captions_per_image=(5, 3)):
     PIL.Image.fromarray(np.full((12, 12, 3), i * 10, np.uint8)).save(buf, "PNG")
     count = captions_per_image[i % len(captions_per_image)]
     records.append({"image": buf.getvalue(), "captions": [f"image{i} caption{k}".encode() for k in range(count)],
-                    "image_id": i, "filename": f"img_{i}.png"})
+                    "image_id": i, "filename": f"img_{i}.png", "scene": i % 4})
   return records
 
 
-def make_items(source, *, batch=8, process_index=0, process_count=1, sampling="per_caption", seed=3):
+def make_items(source, *, batch=8, process_index=0, process_count=1, sampling="per_caption", seed=3, fields=()):
   index = CaptionIndex.read(source)
   vocab = WordVocab.build(index.captions, min_count=1, stopwords="keep")
   tokens, lengths, _ = vocab.encode_batch(index.captions, 4)
   items = pipeline.TrainItems(source, index, tokens, lengths, sampling=sampling, global_batch_size=batch,
-                              process_index=process_index, process_count=process_count, seed=seed, name="fake")
+                              process_index=process_index, process_count=process_count, seed=seed, name="fake",
+                              fields=fields)
   return items, vocab
 
 
@@ -84,3 +85,23 @@ def test_bad_settings_are_reported():
     make_items(fake_source(), sampling="random")
   with pytest.raises(ValueError, match="not divisible by 3 processes"):
     make_items(fake_source(), batch=8, process_count=3)
+
+
+def test_requested_fields_travel_with_their_image():
+  source = fake_source()
+  items, vocab = make_items(source, batch=4, fields=("scene", "caption_set"))
+  batches, _ = take(items, 6)
+  for batch in batches:
+    np.testing.assert_array_equal(batch["scene"], batch["image_id"] % 4)
+    for image_id, tokens, caption_set in zip(batch["image_id"], batch["tokens"], batch["caption_set"]):
+      expected, _, _ = vocab.encode_batch([c.decode() for c in source[image_id]["captions"]], 4)
+      np.testing.assert_array_equal(caption_set, np.resize(expected, (5, 4)))  # 3 captions: 0, 1, 2, 0, 1
+      assert any((tokens == row).all() for row in caption_set)
+
+
+def test_unknown_or_missing_fields_are_reported():
+  with pytest.raises(ValueError, match="unknown field 'colour'; known fields: \\['caption_set', 'scene'\\]"):
+    make_items(fake_source(), fields=("colour",))
+  items, _ = make_items([{k: v for k, v in r.items() if k != "scene"} for r in fake_source()], fields=("scene",))
+  with pytest.raises(ValueError, match="no 'scene' feature"):
+    items[0]

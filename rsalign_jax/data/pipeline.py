@@ -11,6 +11,7 @@ import functools
 import grain
 import numpy as np
 
+from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import preprocessing
 
 SAMPLING_MODES = ("per_caption", "per_image")
@@ -21,7 +22,7 @@ class TrainItems:
   """Random-access view: local position k -> the item at this process's row of its global batch."""
 
   def __init__(self, source, index, tokens, lengths, *, sampling, global_batch_size, process_index,
-               process_count, seed, name):
+               process_count, seed, name, fields=()):
     if sampling not in SAMPLING_MODES:
       raise ValueError(f"input.sampling={sampling!r}: expected one of {SAMPLING_MODES}")
     if global_batch_size % process_count:
@@ -37,6 +38,8 @@ class TrainItems:
       self._captions_of_item = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
       self._record_of_item = np.arange(index.num_images)
     self._image_ids = index.image_ids
+    self._image_captions = np.searchsorted(index.record, np.arange(index.num_images + 1))
+    self._fields = {field: fields_lib.get(field) for field in fields}
     self._global_batch = global_batch_size
     self._local_batch = global_batch_size // process_count
     self._row_offset = process_index * self._local_batch
@@ -72,8 +75,11 @@ class TrainItems:
     item = self._permutation(epoch)[offset]
     record = self._source[int(self._record_of_item[item])]
     captions = self._captions_of_item[item]
+    image = int(self._record_of_item[item])
+    image_tokens = self._tokens[self._image_captions[image]:self._image_captions[image + 1]]
     return {"image": record["image"], "tokens": self._tokens[captions], "lengths": self._lengths[captions],
-            "image_id": np.int32(self._image_ids[self._record_of_item[item]]), "position": np.int64(position)}
+            "image_id": np.int32(self._image_ids[image]), "position": np.int64(position),
+            **{name: function(record, image_tokens) for name, function in self._fields.items()}}
 
 
 class Preprocess(grain.transforms.Map):
@@ -86,8 +92,9 @@ class Preprocess(grain.transforms.Map):
   def map(self, item):
     rng = np.random.default_rng([self._seed, 1, int(item["position"])])
     choice = rng.integers(len(item["lengths"]))
-    return {"image": self._pp(item["image"], rng), "tokens": item["tokens"][choice],
-            "lengths": item["lengths"][choice], "image_id": item["image_id"]}
+    fields = {k: v for k, v in item.items() if k not in ("image", "tokens", "lengths", "position")}
+    return {**fields, "image": self._pp(item["image"], rng), "tokens": item["tokens"][choice],
+            "lengths": item["lengths"][choice]}
 
 
 def make_train_loader(items, *, pp_spec, seed, worker_count=0):

@@ -6,6 +6,7 @@ expected-tie rule applies to them; it also saves work (RSICD's test set has 3,33
 import jax
 import numpy as np
 
+from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import preprocessing
 from rsalign_jax.data.sources import CaptionIndex
 from rsalign_jax.evaluation import metrics as metrics_lib
@@ -17,11 +18,13 @@ _CACHE_LIMIT_BYTES = 1 << 30
 class RetrievalEvaluator:
   """Computes the papers' retrieval metrics of one split for given embedding and scoring functions.
 
-  `embed_images(variables, images)`, `embed_texts(variables, tokens, lengths)` take global batches sharded over the
-  mesh and return replicated embeddings; `score(variables, image_emb, text_emb)` returns a similarity block.
+  `embed_images(variables, images, fields)`, `embed_texts(variables, tokens, lengths, fields)` take global batches
+  sharded over the mesh (`fields`: the model's per-image inputs, a dict of arrays, see `rsalign_jax.data.fields`)
+  and return replicated embeddings; `score(variables, image_emb, text_emb)` returns a similarity block.
   """
 
-  def __init__(self, source, vocab, *, pp_spec, max_len, batch_size, mesh, score_chunk=1024):
+  def __init__(self, source, vocab, *, pp_spec, max_len, batch_size, mesh, score_chunk=1024, image_fields=(),
+               text_fields=()):
     self._source = source
     self._pp = preprocessing.parse(pp_spec)
     self._batch_size = batch_size
@@ -29,9 +32,14 @@ class RetrievalEvaluator:
     self._score_chunk = score_chunk
     self.index = CaptionIndex.read(source)
     tokens, lengths, _ = vocab.encode_batch(self.index.captions, max_len)
-    rows = np.concatenate([tokens, lengths[:, None]], axis=1)
-    unique_rows, self._caption_to_unique = np.unique(rows, axis=0, return_inverse=True)
-    self._unique_tokens, self._unique_lengths = unique_rows[:, :-1], unique_rows[:, -1]
+    record_fields = fields_lib.read(source, self.index, tokens, sorted(set(image_fields) | set(text_fields)))
+    self._image_fields = {name: record_fields[name] for name in image_fields}
+    # With text fields (per-image inputs of the text tower) a caption string is only shared within its image.
+    key = [tokens, lengths[:, None]] + ([self.index.record[:, None]] if text_fields else [])
+    _, first, self._caption_to_unique = np.unique(np.concatenate(key, axis=1), axis=0, return_index=True,
+                                                  return_inverse=True)
+    self._unique_tokens, self._unique_lengths = tokens[first], lengths[first]
+    self._text_fields = {name: record_fields[name][self.index.record[first]] for name in text_fields}
     self._images = None
 
   @property
@@ -56,10 +64,9 @@ class RetrievalEvaluator:
   def _embed(self, fn, variables, batches):
     out = []
     for arrays in batches:
-      n = len(arrays[0])
-      padded = [_pad_rows(a, self._batch_size) for a in arrays]
-      local = [self._process_rows(a) for a in padded]
-      embeddings = fn(variables, *[sharding_lib.to_global(a, self._sharding) for a in local])
+      n = len(jax.tree.leaves(arrays)[0])
+      local = jax.tree.map(lambda a: self._process_rows(_pad_rows(a, self._batch_size)), arrays)
+      embeddings = fn(variables, *sharding_lib.to_global(local, self._sharding))
       out.append(np.asarray(embeddings)[:n])
     return np.concatenate(out)
 
@@ -69,9 +76,10 @@ class RetrievalEvaluator:
 
   def embeddings(self, variables, embed_images, embed_texts):
     """Returns (image embeddings (N, D), distinct-caption embeddings (U, D))."""
-    images = self._embed(embed_images, variables, ((b,) for b in self._image_batches()))
-    texts = self._embed(embed_texts, variables,
-                        zip(*[_batches(a, self._batch_size) for a in (self._unique_tokens, self._unique_lengths)]))
+    image_fields = _batches(self._image_fields, self._batch_size)
+    images = self._embed(embed_images, variables, zip(self._image_batches(), image_fields))
+    texts = self._embed(embed_texts, variables, _batches((self._unique_tokens, self._unique_lengths,
+                                                           self._text_fields), self._batch_size))
     return images, texts
 
   def similarity(self, variables, score, image_embeddings, text_embeddings):
@@ -86,9 +94,14 @@ class RetrievalEvaluator:
     return metrics_lib.retrieval_metrics(sim, self.index.record)
 
 
-def _batches(array, size):
-  for start in range(0, len(array), size):
-    yield array[start:start + size]
+def _batches(arrays, size):
+  """Consecutive row slices of a pytree of arrays (an empty dict yields empty dicts forever)."""
+  leaves = jax.tree.leaves(arrays)
+  if not leaves:
+    while True:
+      yield arrays
+  for start in range(0, len(leaves[0]), size):
+    yield jax.tree.map(lambda a: a[start:start + size], arrays)
 
 
 def _pad_rows(array, size):
