@@ -47,7 +47,7 @@ def variants(block_size):
 def compile_step(loss, impl, block_size, mesh, batch, dim):
   impl_name = impl.split("/")[0]
   step = jax.jit(jax.value_and_grad(lambda p, ids: loss(p, ids, impl=impl_name, mesh=mesh, block_size=block_size)))
-  rows, scalar = NamedSharding(mesh, P(sharding_lib.DATA_AXIS)), NamedSharding(mesh, P())
+  rows, scalar = NamedSharding(mesh, P(sharding_lib.BATCH_AXES)), NamedSharding(mesh, P())
   params = {"images": jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=rows),
             "texts": jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=rows),
             "log_scale": jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
@@ -57,7 +57,7 @@ def compile_step(loss, impl, block_size, mesh, batch, dim):
 
 def seconds_per_step(compiled, mesh, batch, dim):
   rng = np.random.default_rng(0)
-  rows, scalar = NamedSharding(mesh, P(sharding_lib.DATA_AXIS)), NamedSharding(mesh, P())
+  rows, scalar = NamedSharding(mesh, P(sharding_lib.BATCH_AXES)), NamedSharding(mesh, P())
   params = {"images": jax.device_put(rng.normal(size=(batch, dim)).astype(np.float32), rows),
             "texts": jax.device_put(rng.normal(size=(batch, dim)).astype(np.float32), rows),
             "log_scale": jax.device_put(np.float32(np.log(10.0)), scalar),

@@ -75,6 +75,13 @@ def base_config(arg):
   config.input = dict(batch_size=128, sampling="per_caption", pp_train=hvsa_augmentation(size),
                       pp_eval=f"decode|resize({size})|normalize", worker_count=0, prefetch=2)
   config.text = dict(tokenizer="word", vocab_file="", min_count=5, stopwords="unk", max_len=32)
+  # Scale-out (README "Scaling out"): params and optimizer moments matching `fsdp_params` with >= fsdp_min_size
+  # elements are sharded over the mesh's 'fsdp' axis; compute_dtype is the towers' activation/matmul dtype (params,
+  # losses and embeddings stay float32); grad_cache_chunk > 0 computes each step by gradient caching in chunks of
+  # that many examples (the exact full-batch gradient with one chunk's activation memory).
+  config.sharding = dict(fsdp=1, fsdp_params=("model/.*",), fsdp_min_size=2**16)
+  config.compute_dtype = "float32"
+  config.grad_cache_chunk = 0
   config.eval_batch_size = 256
   config.eval_every_epochs = 1.0
   config.eval_random_init = True

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rsalign_jax import optimizers
+from rsalign_jax import gradcache, optimizers
 from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import pipeline, preprocessing, sources
 from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
@@ -39,10 +39,16 @@ class TrainState:
   opt_state: optax.OptState
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def build_model(config, vocab_size):
-  """`config.model_name` -> `rsalign_jax.models.<name>.Model(**config.model, vocab_size=...)`."""
+  """`config.model_name` -> `rsalign_jax.models.<name>.Model(**config.model, vocab_size=..., dtype=compute dtype)`."""
+  compute_dtype = config.get("compute_dtype", "float32")
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   module = importlib.import_module(f"rsalign_jax.models.{config.model_name}")
-  return module.Model(**config.model.to_dict(), vocab_size=vocab_size)
+  return module.Model(**config.model.to_dict(), vocab_size=vocab_size, dtype=jnp.dtype(compute_dtype))
 
 
 def build_objective(config):
@@ -93,19 +99,33 @@ def create_train_state(rng, model, objective, tx, example):
                     opt_state=tx.init(params))
 
 
-def train_step(state, batch, *, model, objective, tx, schedule, dropout_key):
-  """One update on a global batch; returns the new state and float32 scalar metrics."""
+def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, grad_cache_chunk=0):
+  """One update on a global batch; returns the new state and float32 scalar metrics.
+
+  grad_cache_chunk > 0: the same full-batch gradient by gradient caching (`rsalign_jax.gradcache`), embedding the
+  batch in chunks of that many examples (BatchNorm then normalises per chunk, as it does per device).
+  """
   rng = jax.random.fold_in(dropout_key, state.step)
 
-  args, fields = model_inputs(model, batch)
-
-  def loss_fn(params):
-    outputs, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, *args, **fields,
+  def embed(model_params, examples, rng):
+    args, fields = model_inputs(model, examples)
+    outputs, updates = model.apply({"params": model_params, "batch_stats": state.batch_stats}, *args, **fields,
                                    train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss, aux = objective.apply({"params": params["objective"]}, outputs, batch)
-    return loss, (aux, updates.get("batch_stats", {}))
+    return outputs, updates.get("batch_stats", {})
 
-  (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def objective_loss(objective_params, outputs, batch):
+    return objective.apply({"params": objective_params}, outputs, batch)
+
+  if grad_cache_chunk:
+    (loss, (aux, batch_stats)), grads = gradcache.gradcache_value_and_grad(
+        embed, objective_loss, state.params, batch, chunk_size=grad_cache_chunk, rng=rng)
+  else:
+    def loss_fn(params):
+      outputs, batch_stats = embed(params["model"], batch, rng)
+      loss, aux = objective_loss(params["objective"], outputs, batch)
+      return loss, (aux, batch_stats)
+
+    (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, **aux, "l2_grads": optax.tree.norm(grads), "l2_params": optax.tree.norm(params),
@@ -152,7 +172,7 @@ def _format_duration(seconds):
 
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and returns the results dict."""
-  mesh = sharding_lib.make_mesh()
+  mesh = sharding_lib.make_mesh(fsdp=config.sharding.fsdp)
   with jax.set_mesh(mesh):  # sharded losses (`loss.impl`) take the mesh from this context
     return _train_and_evaluate(config, os.path.abspath(workdir), mesh)  # orbax needs absolute paths
 
@@ -216,13 +236,34 @@ def build_setup(config, workdir, mesh):
   for name in sorted(batch_fields):
     value = np.asarray(fields_lib.get(name)(train_source[0], tokens))
     example[name] = jnp.zeros((init_rows,) + value.shape, value.dtype)
+  if config.get("grad_cache_chunk"):
+    _check_per_example_outputs(model, example)
   init_fn = functools.partial(create_train_state, model=model, objective=objective, tx=tx, example=example)
   abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  state_sharding = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract_state)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, patterns=config.sharding.fsdp_params,
+                                                min_size=config.sharding.fsdp_min_size)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
   return Setup(config, mesh, train_source, train_index, vocab, model, objective, schedule, tx, steps_per_epoch,
                init_fn, abstract_state, state_sharding, _Retrieval(model, mesh))
+
+
+def _check_per_example_outputs(model, example):
+  """Grad caching embeds the batch chunk by chunk, so every model output must be per example: (B, ...) with
+  trailing dims independent of B. Pairwise outputs such as a (B, B) score matrix would silently become per-chunk."""
+  def output_shapes(rows):
+    args, fields = model_inputs(model, jax.tree.map(lambda x: x[:rows], example))
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+    return jax.eval_shape(lambda: model.init_with_output(rngs, *args, **fields, train=False)[0])
+
+  rows = len(example["image"])
+  whole, half = output_shapes(rows), output_shapes(rows // 2)
+  pairwise = [jax.tree_util.keystr(path) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(whole),
+                                                                 jax.tree.leaves(half))
+              if a.shape[:1] != (rows,) or b.shape != (rows // 2,) + a.shape[1:]]
+  if pairwise:
+    raise ValueError(f"grad_cache_chunk needs per-example model outputs, but {type(model).__module__} outputs "
+                     f"{pairwise} are not (B, ...) per example (pairwise scores?); set grad_cache_chunk=0")
 
 
 def _num_items(config, index):
@@ -258,7 +299,7 @@ def _train_and_evaluate(config, workdir, mesh):
                                                       setup.retrieval)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, objective=setup.objective, tx=setup.tx, schedule=setup.schedule,
-                        dropout_key=jax.random.fold_in(rng, 1)),
+                        dropout_key=jax.random.fold_in(rng, 1), grad_cache_chunk=config.grad_cache_chunk),
       out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
       donate_argnums=(0,) if jax.devices()[0].platform != "cpu" else ())
 

@@ -1,4 +1,4 @@
-"""Pairwise losses over a batch sharded on the mesh's data axis: one all-gather, or a `ppermute` ring.
+"""Pairwise losses over a batch sharded on the mesh's batch axes: one all-gather, or a `ppermute` ring.
 
 Every pairwise loss here is written once as `block(rows, cols) -> (row_stats, col_stats)` on one block of its
 (B, B) pair matrix, rows = this device's b = B/n examples, cols = some examples of the batch (dicts of arrays with
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from rsalign_jax.runtime.sharding import DATA_AXIS
+from rsalign_jax.runtime.sharding import BATCH_AXES
 
 IMPLS = ("global", "gather", "ring")
 
@@ -184,7 +184,7 @@ def _ring(block, rows, cols, axis_name, block_size):
   return row_stats, col_stats
 
 
-def pairwise_stats(block, rows, cols, *, impl, block_size=None, axis_name=DATA_AXIS):
+def pairwise_stats(block, rows, cols, *, impl, block_size=None, axis_name=BATCH_AXES):
   """Inside shard_map: (stats of each local row over all B columns, stats of each local column over all B rows)."""
   if impl == "gather":
     return _gather(block, rows, cols, axis_name, block_size)
@@ -193,7 +193,7 @@ def pairwise_stats(block, rows, cols, *, impl, block_size=None, axis_name=DATA_A
   raise ValueError(f"pairwise_stats runs the sharded impls 'gather' and 'ring', got {impl!r}")
 
 
-def global_positions(n_local, axis_name=DATA_AXIS):
+def global_positions(n_local, axis_name=BATCH_AXES):
   """Batch positions of this device's rows."""
   return lax.axis_index(axis_name) * n_local + jnp.arange(n_local)
 
@@ -206,7 +206,7 @@ def batch_ids(ids, n):
 def over_batch(reference, per_device, batch, shared=(), *, impl, mesh, block_size=None):
   """A loss by `impl`: 'global' = `reference(*batch, *shared)` on global arrays (XLA partitions it under jit);
   'gather' / 'ring' = `per_device(stats, *batch_shard, *shared)` under shard_map with `batch` split by rows over
-  the data axis, `stats` being `pairwise_stats` for that impl. `per_device` returns the psum-ed loss."""
+  the batch axes, `stats` being `pairwise_stats` for that impl. `per_device` returns the psum-ed loss."""
   if impl not in IMPLS:
     raise ValueError(f"loss impl {impl!r}: expected one of {IMPLS}")
   if impl == "global":
@@ -217,5 +217,5 @@ def over_batch(reference, per_device, batch, shared=(), *, impl, mesh, block_siz
     raise ValueError(f"loss impl {impl!r} needs the device mesh (pass mesh= or call under jax.set_mesh)")
   stats = functools.partial(pairwise_stats, impl=impl, block_size=block_size)
   sharded = jax.shard_map(lambda batch, shared: per_device(stats, *batch, *shared), mesh=mesh,
-                          in_specs=(P(DATA_AXIS), P()), out_specs=P())
+                          in_specs=(P(BATCH_AXES), P()), out_specs=P())
   return sharded(tuple(batch), tuple(shared))

@@ -15,7 +15,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import LogSumExp, Sum, batch_ids, over_batch, results
 from rsalign_jax.losses.similarity import unit_cosine_similarity, upcast
-from rsalign_jax.runtime.sharding import DATA_AXIS
+from rsalign_jax.runtime.sharding import BATCH_AXES
 
 
 def _reference(images, texts, ids, log_scale):
@@ -45,15 +45,15 @@ def _per_device(pairwise_stats, images, texts, ids, log_scale):
     logsumexp, positive_sum, num_positives = results(stats)
     return jnp.sum(logsumexp - positive_sum / num_positives)
 
-  total = lax.psum(summed_loss(image_stats) + summed_loss(text_stats), DATA_AXIS)
-  return total / (2 * images.shape[0] * lax.axis_size(DATA_AXIS))
+  total = lax.psum(summed_loss(image_stats) + summed_loss(text_stats), BATCH_AXES)
+  return total / (2 * images.shape[0] * lax.axis_size(BATCH_AXES))
 
 
 def softmax_loss(images, texts, ids=None, *, log_scale, impl="global", mesh=None, block_size=None):
   """Multi-positive CLIP loss of (B, D) image and text embeddings (cosine, so unnormalised towers are fine).
 
   ids: (B,) ints, equal for captions of the same image (None: all distinct). impl: 'global' (reference, XLA
-  partitions it), 'gather' or 'ring' (see `collectives`), over `mesh`'s data axis.
+  partitions it), 'gather' or 'ring' (see `collectives`), over `mesh`'s batch axes.
   """
   batch = (images, texts, batch_ids(ids, images.shape[0]))
   return over_batch(_reference, _per_device, batch, (upcast(log_scale),), impl=impl, mesh=mesh,

@@ -7,7 +7,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import Sum, batch_ids, over_batch, results
 from rsalign_jax.losses.similarity import pairwise_dot, upcast
-from rsalign_jax.runtime.sharding import DATA_AXIS
+from rsalign_jax.runtime.sharding import BATCH_AXES
 
 
 def binary_codes(codes):
@@ -40,7 +40,7 @@ def _per_device(pairwise_stats, image_codes, text_codes, ids):
     return Sum(jnp.sum(_pair_log_likelihood(rows["image"], cols["text"], rows["id"], cols["id"]), axis=1)), ()
 
   image_stats, _ = pairwise_stats(block, {"image": image_codes, "id": ids}, {"text": text_codes, "id": ids})
-  return -lax.psum(jnp.sum(results(image_stats)), DATA_AXIS) / (image_codes.shape[0] * lax.axis_size(DATA_AXIS)) ** 2
+  return -lax.psum(jnp.sum(results(image_stats)), BATCH_AXES) / (image_codes.shape[0] * lax.axis_size(BATCH_AXES)) ** 2
 
 
 def pairwise_likelihood_loss(image_codes, text_codes, ids=None, *, impl="global", mesh=None, block_size=None):

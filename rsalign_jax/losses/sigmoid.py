@@ -9,7 +9,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import Sum, batch_ids, over_batch, results
 from rsalign_jax.losses.similarity import unit_cosine_similarity, upcast
-from rsalign_jax.runtime.sharding import DATA_AXIS
+from rsalign_jax.runtime.sharding import BATCH_AXES
 
 
 def _pair_log_likelihood(images, texts, row_ids, col_ids, log_scale, bias):
@@ -27,7 +27,7 @@ def _per_device(pairwise_stats, images, texts, ids, log_scale, bias):
     return Sum(jnp.sum(pairs, axis=1)), ()
 
   image_stats, _ = pairwise_stats(block, {"image": images, "id": ids}, {"text": texts, "id": ids})
-  return -lax.psum(jnp.sum(results(image_stats)), DATA_AXIS) / (images.shape[0] * lax.axis_size(DATA_AXIS))
+  return -lax.psum(jnp.sum(results(image_stats)), BATCH_AXES) / (images.shape[0] * lax.axis_size(BATCH_AXES))
 
 
 def sigmoid_loss(images, texts, ids=None, *, log_scale, bias, impl="global", mesh=None, block_size=None):

@@ -19,7 +19,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import Hardest, Sum, batch_ids, global_positions, over_batch, results
 from rsalign_jax.losses.similarity import paired_unit_cosine_similarity, unit_cosine_similarity, upcast
-from rsalign_jax.runtime.sharding import DATA_AXIS
+from rsalign_jax.runtime.sharding import BATCH_AXES
 
 NEGATIVES = ("sum", "hardest")
 
@@ -90,7 +90,7 @@ def _per_device(pairwise_stats, images, texts, ids, row_data, col_data, *, pair_
     return Sum(jnp.sum(cost_caption, 1) + jnp.sum(cost_image, 1)), ()
 
   local = sum(jnp.sum(x) for x in jax.tree.leaves(results(pairwise_stats(block, rows, cols))))
-  return lax.psum(local, DATA_AXIS)
+  return lax.psum(local, BATCH_AXES)
 
 
 def hinge_triplet_loss(images, texts, ids=None, *, pair_margin, row_data=None, col_data=None, negatives="sum",

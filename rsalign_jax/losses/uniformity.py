@@ -6,7 +6,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import Sum, batch_ids, over_batch, results
 from rsalign_jax.losses.similarity import l2_normalize, pairwise_dot, upcast
-from rsalign_jax.runtime.sharding import DATA_AXIS
+from rsalign_jax.runtime.sharding import BATCH_AXES
 
 UNIFORMITY_FORMS = ("exp_mean", "log")
 
@@ -38,7 +38,7 @@ def _per_device(pairwise_stats, x, ids, *, gamma, form):
 
   local = {"x": x, "id": ids}
   (kernel_sum, num_pairs), _ = results(pairwise_stats(block, local, local))
-  return _finish(lax.psum(jnp.sum(kernel_sum), DATA_AXIS), lax.psum(jnp.sum(num_pairs), DATA_AXIS), form)
+  return _finish(lax.psum(jnp.sum(kernel_sum), BATCH_AXES), lax.psum(jnp.sum(num_pairs), BATCH_AXES), form)
 
 
 def feature_uniformity(x, ids=None, *, gamma=2.0, form="exp_mean", impl="global", mesh=None, block_size=None):

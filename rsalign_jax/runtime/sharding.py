@@ -1,26 +1,63 @@
-"""The device mesh and moving host batches onto it as global arrays."""
+"""The device mesh, the shardings of batches and of the train state, and moving host batches onto the mesh.
+
+The mesh is 2-D, ('data', 'fsdp'). Batches are split over both axes together (`BATCH_AXES`), so every device holds
+B / n examples whatever the split; the 'fsdp' axis (size 1 unless `config.sharding.fsdp` says otherwise) also shards
+large parameters and their optimizer state (ZeRO-3 / FSDP style): XLA all-gathers a parameter where a computation
+needs it whole and reduce-scatters its gradient, so per-device parameter memory falls by the fsdp factor.
+"""
 import collections
+import re
 import threading
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over both; collectives over the batch name both
 
 
-def make_mesh():
-  """A 1-D ('data',) mesh over every device of every process (Auto axis type: XLA inserts the collectives)."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(fsdp=1):
+  """A (devices / fsdp, fsdp) mesh over every device of every process (Auto axes: XLA inserts the collectives)."""
+  devices = np.asarray(jax.devices())
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f"sharding.fsdp={fsdp} must be a positive divisor of the {len(devices)} devices")
+  return Mesh(devices.reshape(-1, fsdp), BATCH_AXES)
 
 
 def batch_sharding(mesh):
-  """Leading (batch) axis split over 'data', everything else replicated."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over all devices ('data' x 'fsdp'), everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, fsdp_size):
+  """P() or a spec sharding the largest dimension divisible by `fsdp_size` over 'fsdp' (replicated if none is)."""
+  dims = [d for d in np.argsort(shape, kind="stable")[::-1] if shape[d] % fsdp_size == 0]
+  if fsdp_size == 1 or not dims:
+    return P()
+  spec = [None] * len(shape)
+  spec[dims[0]] = FSDP_AXIS
+  return P(*spec)
+
+
+def state_shardings(abstract_state, mesh, *, patterns=(), min_size=0):
+  """Shardings of a train state: leaves whose '/'-joined path matches a regex in `patterns` (e.g. 'model/.*',
+  which also matches that parameter's optimizer moments) and with at least `min_size` elements are sharded over
+  'fsdp' by `fsdp_spec`; every other leaf is replicated."""
+  fsdp_size = mesh.shape[FSDP_AXIS]
+  compiled = [re.compile(p) for p in patterns]
+
+  def sharding(path, leaf):
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    if leaf.size >= max(min_size, 1) and any(p.search(name) for p in compiled):
+      return NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size))
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(sharding, abstract_state)
 
 
 def to_global(local_batch, sharding):
