@@ -79,6 +79,9 @@ def base_config(arg):
   # elements are sharded over the mesh's 'fsdp' axis; compute_dtype is the towers' activation/matmul dtype (params,
   # losses and embeddings stay float32); grad_cache_chunk > 0 computes each step by gradient caching in chunks of
   # that many examples (the exact full-batch gradient with one chunk's activation memory).
+  # Pretrained weights (`train.load_pretrained`): name -> dict(format='<rsalign_jax.weights module>.<loader>',
+  # checkpoint=PATH, into='params/model/<tower>'); entries with an empty checkpoint are skipped.
+  config.init = ml_collections.ConfigDict()
   config.sharding = dict(fsdp=1, fsdp_params=("model/.*",), fsdp_min_size=2**16)
   config.compute_dtype = "float32"
   config.grad_cache_chunk = 0
@@ -91,6 +94,8 @@ def base_config(arg):
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
+  config.seeds = ()  # several seeds: --mode=train|eval runs each in WORKDIR/seed_<n> and reports mean ± std
+  config.gallery_queries = 4  # validation gallery picture in TensorBoard: number of queries (0: off)
   return config
 
 

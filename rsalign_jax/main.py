@@ -1,6 +1,11 @@
-"""Command line entry point: `python -m rsalign_jax.main --config=configs/hvsa.py[:arg] --workdir=DIR`.
+"""Command line entry point: `python -m rsalign_jax.main --config=configs/hvsa.py[:arg] --workdir=DIR [--mode=...]`.
 
-Intentionally thin (as in the flax examples): flags, then `train.train_and_evaluate`, which is importable and tested.
+Intentionally thin (as in the flax examples): flags, then an importable, tested function per mode:
+  train   `train.train_and_evaluate` (the default);
+  eval    the papers' retrieval table of the checkpoint the trainer tests (`modes.evaluate`);
+  export  a split's image and caption embeddings with their ids (`modes.export`);
+  search  free text -> top-k images, image file -> top-k captions or images (`modes.search`).
+With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std.
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
 from absl import app
@@ -8,11 +13,30 @@ from absl import flags
 from ml_collections import config_flags
 
 from rsalign_jax import train
+from rsalign_jax.modes import evaluate, export, search
 from rsalign_jax.runtime import distributed
 from rsalign_jax.runtime import metric_writer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally `file.py:arg`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "search"], "What to do (see the docstring).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "eval/export/search: '' (the one the trainer tests: best val if config.test_on_best, else the "
+    "last), 'best', 'last', or a checkpoint directory or step directory, e.g. WORKDIR/checkpoints/400.")
+_SPLIT = flags.DEFINE_string("split", "", "eval/export/search gallery: dataset split (default: the test split).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "export: output directory (default WORKDIR/export_<split>).")
+_QUERY = flags.DEFINE_multi_string("query", [], "search: a free-text query (repeatable); ranks gallery images.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "search: an image file (repeatable); ranks --targets.")
+_SAMPLE_QUERIES = flags.DEFINE_integer(
+    "sample_queries", 0, "search: also query with the first captions of this many evenly spaced gallery images.")
+_K = flags.DEFINE_integer("k", 5, "search: results per query.")
+_GALLERY = flags.DEFINE_string("gallery", "", "search: an export directory (default: embed --split now).")
+_CODES = flags.DEFINE_enum("codes", "float", search.CODES,
+                           "search: rank by the model's score of float embeddings, or by Hamming distance of hash "
+                           "codes (models with image_codes/text_codes, e.g. CCLS2T).")
+_TARGETS = flags.DEFINE_enum("targets", "captions", search.TARGETS, "search: what image queries rank.")
+_PNG = flags.DEFINE_string("png", "", "search: write the gallery picture of the image results to this PNG.")
+_OUTPUT = flags.DEFINE_string("output", "", "search: write the results as JSON to this file.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", distributed.MODES,
     "auto: join a multi-process job when the flags below are given or SLURM / Cloud TPU is detected; on: always "
@@ -28,7 +52,22 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value)
   metric_writer.quiet_library_info_logs()
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  seeds = tuple(config.get("seeds", ()))
+  if mode == "train" and seeds:
+    evaluate.train_seeds(config, workdir, seeds)
+  elif mode == "train":
+    train.train_and_evaluate(config, workdir)
+  elif mode == "eval" and seeds:
+    evaluate.evaluate_seeds(config, workdir, seeds, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
+  elif mode == "eval":
+    evaluate.evaluate(config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
+  elif mode == "export":
+    export.export(config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, output_dir=_OUTPUT_DIR.value)
+  else:
+    search.run(config, workdir, queries=_QUERY.value, image_paths=_IMAGE.value, sample_queries=_SAMPLE_QUERIES.value,
+               k=_K.value, checkpoint=_CHECKPOINT.value, gallery_dir=_GALLERY.value, split=_SPLIT.value,
+               codes=_CODES.value, targets=_TARGETS.value, png=_PNG.value, output=_OUTPUT.value)
 
 
 if __name__ == "__main__":

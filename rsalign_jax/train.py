@@ -24,8 +24,10 @@ from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import pipeline, preprocessing, sources
 from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
+from rsalign_jax.evaluation import gallery
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.runtime import checkpointing, metric_writer, preemption
+from rsalign_jax.weights import common as weights_common
 from rsalign_jax.runtime import sharding as sharding_lib
 
 log = metric_writer.log
@@ -132,6 +134,16 @@ def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, gra
              "l2_updates": optax.tree.norm(updates), "lr": schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, metrics
+
+
+def load_pretrained(state, config):
+  """The initial state with the parameters and BatchNorm statistics named in `config.init` replaced by imported
+  checkpoints (`rsalign_jax.weights.common.init_params`: each entry has a format, a checkpoint path and the
+  '/'-path of the subtree it fills, e.g. 'params/model/image_tower'). Adam's moments start at zero either way."""
+  if not config.get("init"):
+    return state
+  variables = weights_common.init_params({"params": state.params, "batch_stats": state.batch_stats}, config.init)
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
 def model_variables(state):
@@ -314,7 +326,7 @@ def _train_and_evaluate(config, workdir, mesh):
     writer.truncate_after(int(state.step))
     log("resumed from %s at step %d", workdir, int(state.step))
   else:
-    state = jax.jit(setup.init_fn, out_shardings=state_sharding)(rng)
+    state = load_pretrained(jax.jit(setup.init_fn, out_shardings=state_sharding)(rng), config)
     if config.eval_random_init:
       meta["random_init_test"] = retrieval.evaluate(test_evaluator, state)
       log("random-init test: %s", _summary(meta["random_init_test"]))
@@ -348,6 +360,7 @@ def _train_and_evaluate(config, workdir, mesh):
         val = retrieval.evaluate(val_evaluator, state)
         writer.scalars(step, val, prefix="val/")
         log("val @%d: %s", step, _summary(val))
+        gallery.log_validation(writer, step, setup, model_variables(state))
         if val["rsum"] > meta["best_val_rsum"]:
           meta.update(best_val_rsum=val["rsum"], best_step=step, best_val=val)
           best_checkpointer.save(step, state, meta={"step": step, "val": val})

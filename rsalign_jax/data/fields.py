@@ -5,7 +5,11 @@ adding a function. `record` is a dataset record (features of the tfds builder, i
 `image_tokens` the (captions, max_len) token ids of all of the image's captions. Fields reach the objective in the
 train batch under their name and, when a model lists them in `IMAGE_FIELDS`/`TEXT_FIELDS`, the model's towers.
 """
+import datetime
+
 import numpy as np
+
+from rsalign_jax.data import metadata_prompts
 
 
 def scene(record, image_tokens):
@@ -28,6 +32,32 @@ def caption_set(record, image_tokens):
                      f"captions; the field holds {CAPTION_SET_SIZE}")
   rows = np.resize(np.arange(len(image_tokens)), CAPTION_SET_SIZE)
   return np.asarray(image_tokens, np.int32)[rows]
+
+
+SPACETIME_FREQUENCIES = (1, 2, 4, 8)
+SPACETIME_DIM = 4 * len(SPACETIME_FREQUENCIES) + 4
+SPACETIME_YEAR_ORIGIN, SPACETIME_YEARS_PER_UNIT = 2015, 10.0
+
+
+def spacetime(record, image_tokens):
+  """(20,) float32 Fourier features of the acquisition metadata (CCLS2T's text tower input; our definition):
+
+  sin(f lat), cos(f lat), sin(f lon), cos(f lon), each for f in (1, 2, 4, 8) in that order (lat, lon in radians;
+  integer f keeps longitude periodic), then sin and cos of 2 pi (day of year - 1) / days in that year, the year as
+  (year - 2015) / 10, and log10(GSD in metres).
+  """
+  del image_tokens
+  meta = metadata_prompts.read_acquisition(record, "input field 'spacetime'")
+  frequencies = np.asarray(SPACETIME_FREQUENCIES, np.float64)
+  lat, lon = np.radians(meta.lat) * frequencies, np.radians(meta.lon) * frequencies
+  year = meta.date.year
+  days = (datetime.date(year + 1, 1, 1) - datetime.date(year, 1, 1)).days
+  angle = 2 * np.pi * (meta.date.timetuple().tm_yday - 1) / days
+  if meta.gsd <= 0:
+    raise ValueError(f"input field 'spacetime': record 'gsd' {meta.gsd} is not a positive ground sample distance")
+  return np.concatenate([np.sin(lat), np.cos(lat), np.sin(lon), np.cos(lon),
+                         [np.sin(angle), np.cos(angle), (year - SPACETIME_YEAR_ORIGIN) / SPACETIME_YEARS_PER_UNIT,
+                          np.log10(meta.gsd)]]).astype(np.float32)
 
 
 _HELPERS = ("get", "read")

@@ -10,6 +10,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rsalign_jax.data import metadata_prompts
+
 
 def default_data_dir():
   return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
@@ -19,6 +21,7 @@ def open_split(dataset_config, split):
   """Returns a random-access source of `split`, preparing the dataset first if needed.
 
   Records are dicts of numpy values; `image` stays encoded (bytes) so decoding is a preprocessing op.
+  `dataset.captions = "metadata_prompt"` replaces each record's captions by its metadata prompt (`metadata_prompts`).
   """
   name = dataset_config.name
   module = name.split("/")[0]
@@ -32,7 +35,8 @@ def open_split(dataset_config, split):
                          file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=dataset_config.get("manual_dir"), try_download_gcs=False))
-  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  return metadata_prompts.with_captions(source, builder.info.features, dataset_config.get("captions", "captions"), name)
 
 
 def as_text(value):

@@ -34,6 +34,7 @@ class BayesianUniSkip(nn.Module):
     n = tanh(x~_n Wx + bx + r * (h~_n Ux));  h_t = (1 - z) * n + z * h_{t-1}.
   When training, the six masks are drawn once per call from the 'dropout' rng and shared by all time steps.
   An empty caption (length 0) is read after one step on the zero padding vector, as HVSA does.
+  With `all_states=True` it returns the (B, T, hidden_dim) states of every step instead (word features).
   """
   vocab_size: int
   word_dim: int = 620
@@ -42,7 +43,7 @@ class BayesianUniSkip(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, tokens: jax.Array, lengths: jax.Array, *, train: bool, all_states: bool = False) -> jax.Array:
     e, h = self.word_dim, self.hidden_dim
     gru_init = symmetric_uniform(1 / h**0.5)  # PyTorch's GRU init
     table = self.param("embedding", embedding_init, (self.vocab_size + 1, e))
@@ -82,5 +83,7 @@ class BayesianUniSkip(nn.Module):
       return state, state
 
     _, states = jax.lax.scan(step, jnp.zeros((batch, h), jnp.float32), (x_r, x_z, x_n))
+    if all_states:
+      return jnp.swapaxes(states, 0, 1)
     last = jnp.maximum(lengths, 1) - 1
     return states[last, jnp.arange(batch)]

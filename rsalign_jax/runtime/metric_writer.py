@@ -44,6 +44,12 @@ class MetricWriter:
       self._writer.add_text(name, text, step)
       self._writer.flush()
 
+  def image(self, step, name, image):
+    """An (H, W, 3) uint8 image (TensorBoard's images tab)."""
+    if self._active:
+      self._writer.add_image(name, image, step, dataformats="HWC")
+      self._writer.flush()
+
   def close(self):
     if self._writer is not None:
       self._writer.close()

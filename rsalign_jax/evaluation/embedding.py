@@ -1,0 +1,182 @@
+"""Embedding dataset splits, free-text queries and image files with a model's jitted towers, outside the evaluator.
+
+Used by export, search and the gallery pictures. `setup` is the trainer's `Setup` (its config, vocab, model, mesh
+and `retrieval` functions: the same jitted towers the evaluator runs, so these embeddings are the ones the metrics
+come from); inputs go through in global batches of `eval_batch_size` (rounded up to a multiple of the device count)
+sharded over the mesh.
+"""
+import dataclasses
+import io
+
+import jax
+import numpy as np
+import PIL.Image
+
+from rsalign_jax.data import fields as fields_lib
+from rsalign_jax.data import preprocessing, sources
+from rsalign_jax.runtime import sharding as sharding_lib
+
+KINDS = ("images", "texts", "image_codes", "text_codes")
+
+
+@dataclasses.dataclass
+class SplitData:
+  """A dataset split's records, captions (flattened, see `sources.CaptionIndex`) and the towers' per-image fields."""
+  name: str
+  source: object
+  index: sources.CaptionIndex
+  tokens: np.ndarray
+  lengths: np.ndarray
+  image_fields: dict  # per image
+  text_fields: dict  # per caption
+
+  def image(self, position):
+    """The record's image as a PIL RGB image (for pictures)."""
+    with PIL.Image.open(io.BytesIO(self.source[position]["image"])) as image:
+      return image.convert("RGB")
+
+
+def open_split(setup, split):
+  """Reads `split` of the setup's dataset with everything embedding needs."""
+  config = setup.config
+  source = sources.open_split(config.dataset, split)
+  index = sources.CaptionIndex.read(source)
+  tokens, lengths, _ = setup.vocab.encode_batch(index.captions, config.text.max_len)
+  image_names, text_names = _field_names(setup.model)
+  values = fields_lib.read(source, index, tokens, sorted(set(image_names) | set(text_names)))
+  return SplitData(split, source, index, tokens, lengths, {n: values[n] for n in image_names},
+                   {n: values[n][index.record] for n in text_names})
+
+
+def _field_names(model):
+  return tuple(getattr(model, "IMAGE_FIELDS", ())), tuple(getattr(model, "TEXT_FIELDS", ()))
+
+
+def encode_queries(setup, queries):
+  """Free-text queries -> (tokens, lengths); an empty query, or one without a word the vocabulary knows, is an
+  error."""
+  vocab = setup.vocab
+  tokens, lengths, _ = vocab.encode_batch(list(queries), setup.config.text.max_len)
+  word2idx = getattr(vocab, "word2idx", None)  # word vocabularies; WordPiece splits any word into known pieces
+  for query, row, length in zip(queries, tokens, lengths):
+    if not query.strip():
+      raise ValueError("--query: empty query; expected a sentence such as 'many planes are parked near a runway'")
+    if word2idx is not None and set(row[:length].tolist()) <= {word2idx["<unk>"]}:
+      raise ValueError(f"--query={query!r}: none of its words is in the model's vocabulary of {vocab.size - 2} "
+                       "words (from the training captions); describe the scene with other words")
+  return tokens, lengths
+
+
+def free_text_fields(setup):
+  """The (empty) fields of free-text queries: an error for models whose text tower needs per-image fields."""
+  _, text_names = _field_names(setup.model)
+  if text_names:
+    raise ValueError(f"model {setup.config.model_name!r}: its text tower needs the per-image fields {text_names}, "
+                     "which a free-text query does not have; query with an image instead")
+  return {}
+
+
+def read_image_files(setup, paths):
+  """Image files -> (N, H, W, 3) float32 with the config's eval preprocessing."""
+  image_names, _ = _field_names(setup.model)
+  if image_names:
+    raise ValueError(f"model {setup.config.model_name!r}: its image tower needs the per-image fields "
+                     f"{image_names}, which an image file does not have")
+  pp = preprocessing.parse(setup.config.input.pp_eval)
+  images = []
+  for path in paths:
+    try:
+      with open(path, "rb") as f:
+        images.append(pp(f.read(), np.random.default_rng(0)))
+    except FileNotFoundError:
+      raise FileNotFoundError(f"--image={path}: no such file") from None
+    except PIL.UnidentifiedImageError:
+      raise ValueError(f"--image={path}: not an image file PIL can read (PNG, JPEG, TIFF, ...)") from None
+  return np.stack(images)
+
+
+def batch_size(setup):
+  """The eval batch rounded up to a multiple of the device count (global batches split evenly)."""
+  return -(-setup.config.eval_batch_size // jax.device_count()) * jax.device_count()
+
+
+def image_batches(setup, data):
+  """(images, fields) batches of a split's images with the eval preprocessing."""
+  pp = preprocessing.parse(setup.config.input.pp_eval)
+  rng = np.random.default_rng(0)  # eval preprocessing is deterministic; ops take an rng for uniformity
+  size, total = batch_size(setup), data.index.num_images
+  for start in range(0, total, size):
+    stop = min(start + size, total)
+    images = np.stack([pp(data.source[i]["image"], rng) for i in range(start, stop)])
+    yield images, {name: value[start:stop] for name, value in data.image_fields.items()}
+
+
+def text_batches(setup, tokens, lengths, fields):
+  """(tokens, lengths, fields) batches of captions."""
+  size = batch_size(setup)
+  for start in range(0, len(tokens), size):
+    stop = start + size
+    yield tokens[start:stop], lengths[start:stop], {name: value[start:stop] for name, value in fields.items()}
+
+
+def embed(setup, variables, kind, batches):
+  """Yields a tower's numpy outputs (pytrees of (rows, ...) arrays) for each batch of `batches`.
+
+  kind: 'images' / 'texts' (the evaluator's embeddings; batches from `image_batches` / `text_batches`) or
+  'image_codes' / 'text_codes' (a hashing model's relaxed codes in (-1, 1); their signs are the binary codes).
+  """
+  fn = _tower(setup, kind)
+  size = batch_size(setup)
+  sharding = sharding_lib.batch_sharding(setup.mesh)
+  for arrays in batches:
+    rows = len(jax.tree.leaves(arrays)[0])
+    padded = jax.tree.map(lambda a: _process_rows(_pad(np.asarray(a), size)), arrays)
+    outputs = fn(variables, *sharding_lib.to_global(padded, sharding))
+    yield jax.tree.map(lambda x: np.asarray(x)[:rows], outputs)
+
+
+def embed_all(setup, variables, kind, batches):
+  """All of `embed`'s outputs, concatenated."""
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *embed(setup, variables, kind, batches))
+
+
+def has_codes(model):
+  """Whether the model has hash codes (CCLS2T's `image_codes` / `text_codes` methods)."""
+  return hasattr(model, "image_codes") and hasattr(model, "text_codes")
+
+
+def _tower(setup, kind):
+  if kind not in KINDS:
+    raise ValueError(f"unknown tower output {kind!r}; expected one of {KINDS}")
+  if kind in ("images", "texts"):
+    return getattr(setup.retrieval, f"embed_{kind}")
+  if not has_codes(setup.model):
+    raise ValueError(f"model {setup.config.model_name!r} has no hash codes (no image_codes/text_codes methods); "
+                     "use its float embeddings")
+  key = (id(setup.model), setup.mesh, kind)
+  if key not in _CODE_TOWERS or _CODE_TOWERS[key][0] is not setup.model:
+    _CODE_TOWERS[key] = (setup.model, _code_tower(setup.model, setup.mesh, kind))
+  return _CODE_TOWERS[key][1]
+
+
+_CODE_TOWERS = {}  # (id(model), mesh, kind) -> (model, jitted fn): compiled once per model object
+
+
+def _code_tower(model, mesh, kind):
+  replicated = sharding_lib.replicated(mesh)
+  if kind == "image_codes":
+    return jax.jit(lambda v, images, fields: model.apply(v, images, **fields, method=kind), out_shardings=replicated)
+  return jax.jit(lambda v, tokens, lengths, fields: model.apply(v, tokens, lengths, **fields, method=kind),
+                 out_shardings=replicated)
+
+
+def _process_rows(array):
+  """This process's rows of a global batch."""
+  rows = len(array) // jax.process_count()
+  return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+
+def _pad(array, rows):
+  if len(array) == rows:
+    return array
+  return np.concatenate([array, np.zeros((rows - len(array),) + array.shape[1:], array.dtype)])

@@ -1,0 +1,92 @@
+"""CLIP / SigLIP dual encoder: an image tower and a text tower, each followed by a bias-free linear projection.
+
+Image towers (`image_tower`, kwargs in `image`): 'vit' (models/vit.py, CLIP's ViT) or 'resnet' (models/resnet.py,
+torchvision BasicBlock ResNet; global average pool of layer4). Text towers (`text_tower`, kwargs in `text`):
+'transformer' (models/text_transformer.py, CLIP's causal text Transformer) or 'bert' (models/bert.py, BERT/MiniLM).
+`text_pool` picks the sentence state: 'argmax' (CLIP checkpoints: the end-of-text token has the highest id) or
+'last' (position lengths-1) for the transformer; 'mean' or 'cls' for BERT. Embeddings are returned unnormalised in
+float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does.
+
+Parameter names: `image_encoder`, `text_encoder`, `image_projection/kernel` (OpenCLIP `visual.proj`),
+`text_projection/kernel` (OpenCLIP `text_projection`), so rsalign_jax.weights.clip maps CLIP checkpoints one to one.
+"""
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rsalign_jax.losses.similarity import cosine_similarity
+from rsalign_jax.models import bert, resnet, text_transformer, vit
+
+IMAGE_TOWERS = ("vit", "resnet")
+TEXT_TOWERS = ("transformer", "bert")
+TEXT_POOLS = {"transformer": ("argmax", "last"), "bert": ("mean", "cls")}
+
+
+class Model(nn.Module):
+  """Two towers + projections; `embed_images` and `embed_texts` run independently, `score` is the cosine."""
+  vocab_size: int
+  embed_dim: int = 256
+  image_tower: str = "vit"
+  image: Mapping[str, Any] | None = None
+  text_tower: str = "transformer"
+  text: Mapping[str, Any] | None = None
+  text_pool: str = "last"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Tower kwargs arrive as dicts (config.model.to_dict()); frozen, the module stays hashable (jit caches key on it).
+    object.__setattr__(self, "image", flax.core.FrozenDict(self.image or {}))
+    object.__setattr__(self, "text", flax.core.FrozenDict(self.text or {}))
+    super().__post_init__()
+
+  def setup(self):
+    if self.image_tower not in IMAGE_TOWERS:
+      raise ValueError(f"model.image_tower={self.image_tower!r}: expected one of {IMAGE_TOWERS}")
+    if self.text_tower not in TEXT_TOWERS:
+      raise ValueError(f"model.text_tower={self.text_tower!r}: expected one of {TEXT_TOWERS}")
+    if self.text_pool not in TEXT_POOLS[self.text_tower]:
+      raise ValueError(f"model.text_pool={self.text_pool!r}: the {self.text_tower!r} tower pools with one of "
+                       f"{TEXT_POOLS[self.text_tower]}")
+    image, text = dict(self.image or {}), dict(self.text or {})
+    if self.image_tower == "vit":
+      self.image_encoder = vit.ViT(**image, dtype=self.dtype)
+    else:
+      self.image_encoder = resnet.ResNet(**image, dtype=self.dtype)
+    if self.text_tower == "transformer":
+      self.text_encoder = text_transformer.TextTransformer(self.vocab_size, **text, dtype=self.dtype)
+    else:
+      self.text_encoder = bert.Bert(vocab_size=self.vocab_size, **text, dtype=self.dtype)
+    self.image_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                     kernel_init=nn.initializers.xavier_uniform())
+    self.text_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                    kernel_init=nn.initializers.xavier_uniform())
+
+  def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
+    """(B, H, W, 3) normalised images -> (B, embed_dim) float32."""
+    features = self.image_encoder(images, train=train)
+    if self.image_tower == "resnet":
+      features = features["f4"].mean(axis=(1, 2))
+    return self.image_projection(features).astype(jnp.float32)
+
+  def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
+    """(B, T) token ids and (B,) lengths -> (B, embed_dim) float32."""
+    if self.text_tower == "transformer":
+      hidden = self.text_encoder(tokens, train=train)
+      pooled = text_transformer.pool_tokens(hidden, tokens, lengths, self.text_pool)
+    else:
+      hidden = self.text_encoder(tokens, lengths, train=train)
+      pooled = bert.mean_pool(hidden, lengths) if self.text_pool == "mean" else bert.cls_pool(hidden)
+    return self.text_projection(pooled.astype(self.dtype)).astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, tokens: jax.Array, lengths: jax.Array, *,
+               train: bool) -> dict[str, jax.Array]:
+    return dict(image_embedding=self.embed_images(images, train=train),
+                text_embedding=self.embed_texts(tokens, lengths, train=train))
+
+  def score(self, image_embedding: jax.Array, text_embedding: jax.Array) -> jax.Array:
+    """(N, M) cosine similarities; uses no parameters, so it runs on precomputed embeddings in any chunks."""
+    return cosine_similarity(image_embedding, text_embedding)

