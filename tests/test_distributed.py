@@ -69,7 +69,7 @@ class Run:
   def output(self):
     return self._log_path.read_text()
 
-  def wait_for_checkpoint(self, step, timeout=240):
+  def wait_for_checkpoint(self, step, timeout=600):
     """Waits until checkpoint `step` is complete (orbax renames its tmp dir only when the save has finished)."""
     deadline = time.time() + timeout
     while not (self.workdir / "checkpoints" / str(step)).is_dir():
@@ -77,7 +77,7 @@ class Run:
       assert time.time() < deadline, f"no checkpoint {step} after {timeout}s"
       time.sleep(0.05)
 
-  def finish(self, timeout=400):
+  def finish(self, timeout=900):
     """Waits for the exit, asserts it was clean, returns the output."""
     self.process.wait(timeout=timeout)
     assert self.process.returncode == 0, self.output()[-3000:]
