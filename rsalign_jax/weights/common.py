@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 HF_CANDIDATES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -197,6 +198,14 @@ def convert(state_dict: Mapping[str, np.ndarray], rules: Sequence[Rule], expecte
     raise WeightsMismatchError(f"{what} does not match the model:\n" + "\n".join(
         _listing(title, items) for title, items in problems if items))
   return out
+
+
+def log_unused(state_dict: Mapping[str, np.ndarray], patterns: Sequence[str], what: str) -> list[str]:
+  """Logs (and returns) the checkpoint keys that `patterns` mark as known to be unused by the model."""
+  unused = sorted(k for k in state_dict if any(re.fullmatch(p, k) for p in patterns))
+  if unused:
+    logging.info("%s: %d checkpoint entries not used by the model: %s", what, len(unused), ", ".join(unused))
+  return unused
 
 
 def _listing(title, items):

@@ -6,7 +6,7 @@ become HWIO kernels; BatchNorm weight/bias go to `params` as scale/bias and runn
 mean/var. The classifier `fc.*` and the `num_batches_tracked` counters have no place in the trunk: they are logged
 as unused, every other key must map one to one (common.convert raises on anything missing, extra or mis-shaped).
 
-Also the helpers the other BatchNorm-network importers share: rules tagged with their collection, `log_unused`,
+Also the helpers the other BatchNorm-network importers share: rules tagged with their collection,
 `convert_variables` (both collections, nested) and `convert_collection` (one collection, flat, for `init_params`).
 """
 import re
@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from rsalign_jax.models import resnet
 from rsalign_jax.weights import common
@@ -36,17 +35,9 @@ def batch_norm_rules(flax: str, torch: str) -> Rules:
           ("batch_stats", common.Rule(f"{flax}/var", f"{torch}.running_var"))]
 
 
-def log_unused(state_dict: Mapping[str, np.ndarray], patterns: Sequence[str], what: str) -> list[str]:
-  """Logs (and returns) the checkpoint keys that `patterns` mark as known to be unused by the model."""
-  unused = sorted(k for k in state_dict if any(re.fullmatch(p, k) for p in patterns))
-  if unused:
-    logging.info("%s: %d checkpoint entries not used by the model: %s", what, len(unused), ", ".join(unused))
-  return unused
-
-
 def convert_variables(state_dict, rules: Rules, expected: Mapping, unused: Sequence[str], what: str) -> dict:
   """Converts every rule and checks the result against `expected` {'params': ..., 'batch_stats': ...}."""
-  log_unused(state_dict, unused, what)
+  common.log_unused(state_dict, unused, what)
   flat_rules = [common.Rule(f"{c}/{r.target}", r.sources, r.transform) for c, r in rules]
   return common.unflatten(common.convert(state_dict, flat_rules, expected, ignore=unused, what=what))
 
@@ -56,7 +47,7 @@ def convert_collection(state_dict, rules: Rules, collection: str, expected: Mapp
   """One collection's rules -> flat {path: array} (an `init_params` loader's answer); other collections' keys skip."""
   if collection not in COLLECTIONS:
     raise ValueError(f"collection={collection!r}: expected one of {COLLECTIONS}")
-  log_unused(state_dict, unused, what)
+  common.log_unused(state_dict, unused, what)
   others = [re.escape(k) for c, r in rules if c != collection for k in r.keys]
   return common.convert(state_dict, [r for c, r in rules if c == collection], expected,
                         ignore=(*unused, *others), what=what)
