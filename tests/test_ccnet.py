@@ -11,6 +11,7 @@ import pytest
 
 from rsalign_jax import train
 from rsalign_jax.losses import ccnet as ccnet_loss
+from rsalign_jax.losses import labels as labels_lib
 from rsalign_jax.models import ccnet
 from rsalign_jax.models import skipthoughts
 
@@ -263,7 +264,7 @@ def test_class_affiliation_leaves_out_scene_minus_one_rows():
   rng = np.random.default_rng(1)
   images, texts = rng.normal(size=(7, 4)), rng.normal(size=(7, 4))
   labels = np.array([0, 2, -1, 2, 0, -1, 4])
-  loss = lambda i, t, y: ccnet_loss.masked_class_affiliation_loss(  # noqa: E731
+  loss = lambda i, t, y: labels_lib.class_affiliation_loss(  # noqa: E731
       jnp.asarray(i), jnp.asarray(t), jnp.asarray(y), num_classes=5, log_scale=np.log(10.0))
   np.testing.assert_allclose(loss(images, texts, labels), numpy_affiliation(images, texts, labels, 10.0), rtol=1e-5)
   unlabelled = labels < 0

@@ -12,17 +12,13 @@ The abstract only says the loss learns cross-modal consistency by compacting int
   scaled cosines to the in-batch text class centres, each text against the image centres (`labels.class_centres`),
   sharing L_itc's scale. Rows with scene -1 (images whose dataset gives no class, e.g. RSICD's numeric names) are
   left out of both the centres and the average; a batch without labelled rows contributes 0.
-  (`labels.class_affiliation_loss` would index class -1 as the last class, hence the masked version here.)
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.losses.labels import class_centres
-from rsalign_jax.losses.similarity import unit_cosine_similarity, upcast
-
-_ABSENT = -1e9  # logit of a class with no member in the batch: exp() underflows to 0, and stays finite
-
+from rsalign_jax.losses.labels import class_affiliation_loss
+from rsalign_jax.losses.similarity import upcast
 
 def score_matrix_infonce(scores, ids, *, log_scale):
   """1/2 [mean_i (lse_j L_ij - mean_{j: id_j = id_i} L_ij) + the same over columns], L = exp(log_scale) S.
@@ -36,24 +32,6 @@ def score_matrix_infonce(scores, ids, *, log_scale):
   image_to_text = jax.nn.logsumexp(logits, axis=1) - jnp.sum(positive_logits, axis=1) / num_positives
   text_to_image = jax.nn.logsumexp(logits, axis=0) - jnp.sum(positive_logits, axis=0) / num_positives
   return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))
-
-
-def _affiliation(x, labels, labelled, centres, present, scale):
-  logits = jnp.where(present[None, :], scale * unit_cosine_similarity(x, centres), _ABSENT)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  target = jnp.take_along_axis(log_probs, jnp.where(labelled, labels, 0)[:, None], axis=-1)[:, 0]
-  return -jnp.sum(jnp.where(labelled, target, 0.0)) / jnp.maximum(jnp.sum(labelled), 1)
-
-
-def masked_class_affiliation_loss(images, texts, labels, *, num_classes, log_scale):
-  """1/2 [CE(softmax_k(s cos(v_i, c^txt_k)), y_i) + CE(softmax_k(s cos(t_i, c^img_k)), y_i)] averaged over the
-  rows with y_i >= 0 (y_i = -1: no class, left out everywhere), s = exp(log_scale). labels in [-1, num_classes)."""
-  images, texts, scale = upcast(images), upcast(texts), jnp.exp(upcast(log_scale))
-  labelled = labels >= 0
-  image_centres, present = class_centres(images, labels, num_classes)  # one_hot(-1) is all zero
-  text_centres, _ = class_centres(texts, labels, num_classes)
-  return 0.5 * (_affiliation(images, labels, labelled, text_centres, present, scale)
-                + _affiliation(texts, labels, labelled, image_centres, present, scale))
 
 
 class Objective(nn.Module):
@@ -77,7 +55,7 @@ class Objective(nn.Module):
     if self.num_classes < 1:
       raise ValueError(f"loss.num_classes={self.num_classes}: expected the dataset's number of scene classes")
     labels = batch["scene"]
-    cls = masked_class_affiliation_loss(outputs["image_embedding"], outputs["text_embedding"], labels,
+    cls = class_affiliation_loss(outputs["image_embedding"], outputs["text_embedding"], labels,
                                         num_classes=self.num_classes, log_scale=log_scale)
     metrics.update(cls=cls, labelled_fraction=jnp.mean(labels >= 0))
     return itc + self.class_weight * cls, metrics

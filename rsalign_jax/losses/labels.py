@@ -35,20 +35,27 @@ def class_centres(x, labels, num_classes):
   return (one_hot.T @ l2_normalize(x)) / jnp.maximum(counts, 1.0)[:, None], counts > 0
 
 
+_ABSENT = -1e9  # logit of a class absent from the batch: exp() underflows to 0, and stays finite with no class
+
+
 def _affiliation(x, labels, centres, present, scale):
-  logits = jnp.where(present[None, :], scale * unit_cosine_similarity(x, centres), -jnp.inf)
+  """Mean over labelled rows (label >= 0) of the cross-entropy of softmax_k(scale cos(x, centre_k)) at the label."""
+  logits = jnp.where(present[None, :], scale * unit_cosine_similarity(x, centres), _ABSENT)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+  labelled = labels >= 0
+  target = jnp.take_along_axis(log_probs, jnp.where(labelled, labels, 0)[:, None], axis=-1)[:, 0]
+  return -jnp.sum(jnp.where(labelled, target, 0.0)) / jnp.maximum(jnp.sum(labelled), 1)
 
 
 def class_affiliation_loss(images, texts, labels, *, num_classes, log_scale):
   """1/2 [CE(softmax_k(s cos(v_i, c^txt_k)), y_i) + CE(softmax_k(s cos(t_i, c^img_k)), y_i)], averaged over the
-  batch, s = exp(log_scale), classes absent from the batch left out. The centres are not detached.
+  labelled rows, s = exp(log_scale), classes absent from the batch left out. Label -1 (no class, e.g. RSICD's
+  numerically named images) is left out of the centres and of the average. The centres are not detached.
 
   Not pairwise over the batch (B x num_classes), so it has no sharded variant: XLA partitions it under jit.
   """
   images, texts, scale = upcast(images), upcast(texts), jnp.exp(upcast(log_scale))
-  image_centres, present = class_centres(images, labels, num_classes)
+  image_centres, present = class_centres(images, labels, num_classes)  # one_hot(-1) is all zero
   text_centres, _ = class_centres(texts, labels, num_classes)
   return 0.5 * (_affiliation(images, labels, text_centres, present, scale)
                 + _affiliation(texts, labels, image_centres, present, scale))
