@@ -77,7 +77,7 @@ class Run:
       assert time.time() < deadline, f"no checkpoint {step} after {timeout}s"
       time.sleep(0.05)
 
-  def finish(self, timeout=900):
+  def finish(self, timeout=1800):
     """Waits for the exit, asserts it was clean, returns the output."""
     self.process.wait(timeout=timeout)
     assert self.process.returncode == 0, self.output()[-3000:]

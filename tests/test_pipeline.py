@@ -100,7 +100,7 @@ def test_requested_fields_travel_with_their_image():
 
 
 def test_unknown_or_missing_fields_are_reported():
-  with pytest.raises(ValueError, match="unknown field 'colour'; known fields: \\['caption_set', 'scene'\\]"):
+  with pytest.raises(ValueError, match=r"unknown field 'colour'; known fields: \['caption_set', 'scene',"):
     make_items(fake_source(), fields=("colour",))
   items, _ = make_items([{k: v for k, v in r.items() if k != "scene"} for r in fake_source()], fields=("scene",))
   with pytest.raises(ValueError, match="no 'scene' feature"):

@@ -20,13 +20,13 @@ living in `rsalign_jax.weights.<module>` and named in config as `format='<module
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
 HF_CANDIDATES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -200,11 +200,14 @@ def convert(state_dict: Mapping[str, np.ndarray], rules: Sequence[Rule], expecte
   return out
 
 
+_log = logging.getLogger(__name__)  # a stdlib logger: absl's root handler prints it, pytest's caplog sees it
+
+
 def log_unused(state_dict: Mapping[str, np.ndarray], patterns: Sequence[str], what: str) -> list[str]:
   """Logs (and returns) the checkpoint keys that `patterns` mark as known to be unused by the model."""
   unused = sorted(k for k in state_dict if any(re.fullmatch(p, k) for p in patterns))
   if unused:
-    logging.info("%s: %d checkpoint entries not used by the model: %s", what, len(unused), ", ".join(unused))
+    _log.info("%s: %d checkpoint entries not used by the model: %s", what, len(unused), ", ".join(unused))
   return unused
 
 
