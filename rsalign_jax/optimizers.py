@@ -1,4 +1,7 @@
 """Optimizers and the papers' per-epoch learning-rate schedules, built from the config."""
+import re
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -29,7 +32,11 @@ def make_schedule(config, steps_per_epoch):
 
 
 def make_optimizer(config, schedule):
-  """optax AdamW (HVSA: decoupled decay scaled by the lr, like torch) or Adam (AMFMN), optional global-norm clip."""
+  """optax AdamW (HVSA: decoupled decay scaled by the lr, like torch) or Adam (AMFMN), optional global-norm clip.
+
+  `optimizer.frozen` (regexes over '/'-joined parameter paths such as 'model/efficientnet/.*') names parameters
+  that never change: neither updates nor weight decay reach them and they get no optimizer state.
+  """
   opt = config.optimizer
   if opt.name == "adamw":
     tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
@@ -39,4 +46,23 @@ def make_optimizer(config, schedule):
     raise ValueError(f"optimizer.name={opt.name!r}: expected 'adamw' or 'adam'")
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  frozen = tuple(opt.get("frozen", ()))
+  if frozen:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels(frozen))
   return tx
+
+
+def frozen_labels(patterns):
+  """params -> the same tree of 'frozen' / 'train' labels; a pattern that matches no parameter is an error."""
+  compiled = [re.compile(p) for p in patterns]
+
+  def labels(params):
+    paths = {jax.tree_util.keystr(path, simple=True, separator="/"): path
+             for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    unused = [p.pattern for p in compiled if not any(p.fullmatch(name) for name in paths)]
+    if unused:
+      raise ValueError(f"optimizer.frozen: {unused} match no parameter; parameters look like {sorted(paths)[:3]}")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if any(p.fullmatch(jax.tree_util.keystr(path, simple=True, separator="/"))
+                                        for p in compiled) else "train", params)
+  return labels

@@ -1,21 +1,19 @@
 """AMFMN: scores against explicit numpy references, MVSA shapes, the objective and its caption prior, configs, and
 trainer smoke runs (runlocal, 8 virtual devices)."""
 import collections
-import importlib.util
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import load_config, runlocal_config
 from rsalign_jax import train
 from rsalign_jax.losses import amfmn as amfmn_loss
 from rsalign_jax.models import amfmn
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TINY = dict(vocab_size=9, embed_dim=16, resnet_width=8, word_dim=5, hidden_dim=7)
 
 
@@ -260,34 +258,26 @@ def test_objective_errors_are_clear():
 # ---------------------------------------------------------------- configs and trainer
 
 
-def load_config(arg=None):
-  spec = importlib.util.spec_from_file_location("amfmn_config", CONFIGS / "amfmn.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def test_configs():
-  default = load_config()
+  default = load_config("amfmn")
   assert (default.model_name, default.loss_name, default.dataset.image_size) == ("amfmn", "amfmn", 80)
   assert default.loss.margin == 0.2 and "fields" not in default.input
-  paper = load_config("rsitmd")
+  paper = load_config("amfmn", "rsitmd")
   assert (paper.optimizer.name, paper.optimizer.lr, paper.input.batch_size, paper.total_epochs) == ("adam", 2e-4,
                                                                                                  100, 70)
   assert paper.schedule.to_dict() == dict(name="warmup_step_decay", warmup_epochs=0, decay_every_epochs=20,
                                           decay_factor=0.7)
   assert (paper.model.hidden_dim, paper.model.embed_dim, paper.model.att_type) == (2400, 512, "soft_att")
   assert paper.input.pp_train == "decode|resize(278)|random_crop(256)|normalize"
-  assert load_config("rsicd").optimizer.lr == 1e-4
-  dynamic = load_config("rsitmd,dynamic,att=fusion_att")
+  assert load_config("amfmn", "rsicd").optimizer.lr == 1e-4
+  dynamic = load_config("amfmn", "rsitmd,dynamic,att=fusion_att")
   assert dynamic.loss.margin == "dynamic" and tuple(dynamic.input.fields) == ("caption_set",)
   assert dynamic.model.att_type == "fusion_att"
 
 
 @pytest.mark.parametrize("arg", ["runlocal", "runlocal,dynamic"])
 def test_trainer_smoke_run(arg, tmp_path_factory):
-  config = load_config(arg)
-  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  config = runlocal_config(tmp_path_factory, "amfmn", arg)
   workdir = tmp_path_factory.mktemp("amfmn")
   results = train.train_and_evaluate(config, str(workdir))
   written = json.loads((workdir / "results.json").read_text())

@@ -1,8 +1,7 @@
 """CCLS2T: metadata prompts, spacetime features, towers, objective, hash index and metrics, and a trainer run."""
-import importlib.util
+import importlib
 import json
 import math
-import pathlib
 import tempfile
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from helpers import load_config
 from rsalign_jax import train
 from rsalign_jax.data import fields
 from rsalign_jax.data import metadata_prompts
@@ -21,16 +21,8 @@ from rsalign_jax.losses import ccls2t as ccls2t_loss
 from rsalign_jax.models import ccls2t
 from rsalign_jax.models import resnet
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 RECORD = {"sensor": b"WorldView-2", "gsd": 0.5, "date": b"2020-03-01", "lat": 30.0, "lon": -90.0, "scene": 1}
 S3 = math.sqrt(3) / 2
-
-
-def ccls2t_config(arg="runlocal"):
-  spec = importlib.util.spec_from_file_location("ccls2t_config", CONFIGS / "ccls2t.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 # ---------------------------------------------------------------- prompts and spacetime features
@@ -88,7 +80,7 @@ def test_open_split_serves_prompts_as_captions(data_dir):
 
 
 def test_prompts_on_a_dataset_without_metadata_fail_clearly(tmp_path):
-  import rsalign_jax.data.rsicd  # pylint: disable=g-import-not-at-top,unused-import  (registers the builder)
+  importlib.import_module("rsalign_jax.data.rsicd")  # registers the builder
   features = tfds.builder("rsicd", data_dir=str(tmp_path)).info.features  # RSICD's features; nothing is prepared
   with pytest.raises(ValueError, match="dataset 'rsicd' has no 'sensor', 'gsd', 'date', 'lat', 'lon' feature"):
     metadata_prompts.with_captions([], features, "metadata_prompt", "rsicd")
@@ -285,19 +277,19 @@ def test_map_and_precision_at_k_on_a_hand_made_example():
 
 
 def test_configs_default_real_and_runlocal():
-  default = ccls2t_config("")
+  default = load_config("ccls2t", "")
   assert (default.dataset.name, default.dataset.captions, default.model_name) == ("synthetic_rs/small",
                                                                                  "metadata_prompt", "ccls2t")
   assert default.dataset.image_size == 80 and default.model.spacetime and default.loss.hash_positives == "scene"
-  rsicd = ccls2t_config("rsicd")
+  rsicd = load_config("ccls2t", "rsicd")
   assert (rsicd.dataset.captions, rsicd.model.spacetime, rsicd.loss.hash_positives) == ("captions", False, "image")
   assert rsicd.dataset.image_size == 256 and rsicd.model.resnet_width == 64
-  assert ccls2t_config("runlocal").dataset.name == "synthetic_rs/tiny"
+  assert load_config("ccls2t", "runlocal").dataset.name == "synthetic_rs/tiny"
 
 
 def test_runlocal_trains_on_8_devices_and_writes_results(tmp_path, data_dir):
   assert jax.device_count() == 8
-  config = ccls2t_config("runlocal")
+  config = load_config("ccls2t", "runlocal")
   config.dataset.data_dir = data_dir
   results = train.train_and_evaluate(config, str(tmp_path))
   written = json.loads((tmp_path / "results.json").read_text())

@@ -1,32 +1,23 @@
 """CCNet (our interpretation): TAM, CFM and the pairwise score against a numpy reference, chunking, the
 distinction loss (incl. unlabelled scene -1 rows) against numpy, the config and a runlocal trainer run."""
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import config_module, load_config, runlocal_config
 from rsalign_jax import train
 from rsalign_jax.losses import ccnet as ccnet_loss
 from rsalign_jax.losses import labels as labels_lib
 from rsalign_jax.models import ccnet
 from rsalign_jax.models import skipthoughts
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 DIM = 6
 HYPER = dict(top_k=3, pool_temperature=0.3, cooccurrence_temperature=0.5, alpha=0.7, score_lambda=0.4)
 TINY = dict(vocab_size=9, embed_dim=DIM, attention_dim=4, mlp_dim=5, resnet_width=8, word_dim=5, hidden_dim=7,
             **HYPER)
-
-
-def ccnet_config(arg="runlocal"):
-  spec = importlib.util.spec_from_file_location("ccnet_config", CONFIGS / "ccnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # ---------------------------------------------------------------- numpy reference (one pair at a time, explicit)
@@ -212,7 +203,7 @@ def test_skipthoughts_all_states_ends_in_the_sentence_vector():
 
 def test_score_memory_for_1024_images_by_5000_captions_is_bounded():
   """The CPU default config's scorer, compiled (not run) for the evaluator's largest chunk: XLA's temp buffers."""
-  model_config = ccnet_config().get_config().model.to_dict()
+  model_config = load_config("ccnet").model.to_dict()
   model = ccnet.Model(vocab_size=100, **model_config)
   d, length = model_config["embed_dim"], 32
   images = jax.ShapeDtypeStruct((1024, 10 * d), jnp.float32)
@@ -305,7 +296,7 @@ def test_objective_combines_itc_and_class_term():
 def test_config_class_counts_match_the_dataset_builders():
   from rsalign_jax.data import rsicd, rsitmd, ucm_captions
   from rsalign_jax.data.synthetic_rs import SCENE_CLASSES
-  module = ccnet_config()
+  module = config_module("ccnet")
   assert module.NUM_CLASSES == {"synthetic": len(SCENE_CLASSES), "rsicd": len(rsicd.SCENE_CLASSES),
                                 "rsitmd": len(rsitmd.SCENE_CLASSES), "ucm": len(ucm_captions.SCENE_CLASSES),
                                 "sydney": 0}
@@ -318,8 +309,7 @@ def test_config_class_counts_match_the_dataset_builders():
 
 def test_runlocal_trains_and_writes_results(tmp_path_factory):
   assert jax.device_count() == 8
-  config = ccnet_config().get_config("runlocal")
-  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  config = runlocal_config(tmp_path_factory, "ccnet")
   workdir = tmp_path_factory.mktemp("ccnet")
   results = train.train_and_evaluate(config, str(workdir))
   written = json.loads((workdir / "results.json").read_text())

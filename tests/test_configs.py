@@ -1,22 +1,11 @@
 """Config parsing (`configs/<method>.py:arg`), overrides and locking."""
-import importlib.util
-import pathlib
-
 import ml_collections
 import pytest
 from ml_collections import config_flags
 from absl import flags
 
+from helpers import CONFIGS, load_config
 from rsalign_jax import configlib
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def test_parse_arg_types_bare_booleans_and_positional():

@@ -1,29 +1,20 @@
 """CLIP/SigLIP dual encoder: towers, pooling, the objective against numpy, configs, and trainer smoke runs."""
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import load_config, runlocal_config
 from rsalign_jax import train
 from rsalign_jax.losses import clip as clip_loss
 from rsalign_jax.models import dual_encoder, text_transformer, vit
 from rsalign_jax.weights import common
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VIT = dict(patch_size=8, width=16, depth=1, heads=2, mlp_dim=32, pool="cls", activation="gelu")
 TEXT = dict(width=16, depth=2, heads=2, mlp_dim=32, max_len=8)
 BERT = dict(hidden=16, layers=1, heads=2, intermediate=32, max_position=16)
-
-
-def clip_config(arg):
-  spec = importlib.util.spec_from_file_location("clip_config", CONFIGS / "clip.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def batch(rows=4, size=16, t=8, seed=0):
@@ -131,15 +122,15 @@ def test_softmax_scale_is_capped_at_100():
 
 
 def test_configs_select_towers_and_losses():
-  default = clip_config(None)
+  default = load_config("clip")
   assert default.model_name == "dual_encoder" and default.loss_name == "clip" and default.loss.kind == "softmax"
   assert default.model.image_tower == "resnet" and default.dataset.image_size == 80
   assert default.model.text.max_len == default.text.max_len and not default.init
-  assert clip_config("siglip").loss.kind == "sigmoid"
-  vit_config = clip_config("image_tower=vit")
+  assert load_config("clip", "siglip").loss.kind == "sigmoid"
+  vit_config = load_config("clip", "image_tower=vit")
   assert vit_config.model.image.patch_size == 10 and 80 % vit_config.model.image.patch_size == 0
   with pytest.raises(ValueError, match="image_tower='swin'"):
-    clip_config("image_tower=swin")
+    load_config("clip", "image_tower=swin")
 
 
 def test_bert_config_uses_wordpiece_and_imports_minilm():
@@ -148,11 +139,11 @@ def test_bert_config_uses_wordpiece_and_imports_minilm():
     minilm = bert_weights.minilm_dir()
   except FileNotFoundError:
     pytest.skip("all-MiniLM-L6-v2 is not installed")
-  config = clip_config("text_tower=bert,init=minilm")
+  config = load_config("clip", "text_tower=bert,init=minilm")
   assert config.text.tokenizer == "wordpiece" and config.text.vocab_file == f"{minilm}/vocab.txt"
   assert config.model.text.hidden == 384 and config.model.text_pool == "mean"
   assert config.init.text.to_dict() == dict(format="bert.load", checkpoint=minilm, into="params/model/text_encoder")
-  assert not clip_config("text_tower=bert").init
+  assert not load_config("clip", "text_tower=bert").init
   # What the trainer does with config.init: the text tower's leaves become MiniLM's, the rest stays as it was.
   model = train.build_model(config, vocab_size=30522)
   images, tokens, lengths = batch(rows=2, size=80)
@@ -166,8 +157,7 @@ def test_bert_config_uses_wordpiece_and_imports_minilm():
 
 @pytest.mark.parametrize("arg", ["runlocal", "runlocal,siglip,image_tower=vit"])
 def test_trainer_smoke(arg, tmp_path_factory):
-  config = clip_config(arg)
-  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  config = runlocal_config(tmp_path_factory, "clip", arg)
   workdir = tmp_path_factory.mktemp("clip")
   results = train.train_and_evaluate(config, str(workdir))
   written = json.loads((workdir / "results.json").read_text())

@@ -3,7 +3,6 @@ training run shared by the module) and on a bag-of-words oracle model, on 8 virt
 import importlib.util
 import io
 import json
-import pathlib
 import shutil
 import struct
 import sys
@@ -19,6 +18,7 @@ import pytest
 from absl import flags
 from tensorboardX.proto import event_pb2
 
+from helpers import CONFIGS, runlocal_config
 from rsalign_jax import main as main_lib
 from rsalign_jax import train
 from rsalign_jax.evaluation import metrics as metrics_lib
@@ -27,23 +27,11 @@ from rsalign_jax.modes import evaluate, export, search
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import checkpointing
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def runlocal_config(tmp_path_factory):
-  spec = importlib.util.spec_from_file_location("hvsa_config", CONFIGS / "hvsa.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("runlocal")
-  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
-  config.eval_random_init = False
-  return config
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """(config, workdir, results) of one finished runlocal training run (4 steps, val at step 4)."""
-  config = runlocal_config(tmp_path_factory)
+  config = runlocal_config(tmp_path_factory, eval_random_init=False)
   workdir = tmp_path_factory.mktemp("hvsa")
   results = train.train_and_evaluate(config, str(workdir))
   return config, workdir, results
@@ -214,7 +202,7 @@ class BagOfWords(nn.Module):
 def oracle(tmp_path_factory, monkeypatch):
   """(config, workdir) of the bag-of-words model with its (only) state saved as a checkpoint."""
   monkeypatch.setitem(sys.modules, "rsalign_jax.models.bag_of_words_oracle", types.SimpleNamespace(Model=BagOfWords))
-  config = runlocal_config(tmp_path_factory)
+  config = runlocal_config(tmp_path_factory, eval_random_init=False)
   config.model_name, config.model = "bag_of_words_oracle", {}
   workdir = tmp_path_factory.mktemp("oracle")
   mesh = trained_lib.make_mesh(config)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from helpers import runlocal_config
 from rsalign_jax import optimizers, train
 from rsalign_jax.losses import hvsa as hvsa_objective
 from rsalign_jax.runtime import sharding as sharding_lib
-from tests.test_train import runlocal_config
 
 VOCAB = 50
 

@@ -1,28 +1,18 @@
 """SSJDN (our design): SFE/SGS/BSD, BiGRU and LSD against numpy references, the objective with unlabelled rows,
 the config's class counts, and a runlocal trainer run on 8 virtual devices."""
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import load_config, runlocal_config
 from rsalign_jax import train
 from rsalign_jax.losses import ssjdn as ssjdn_loss
 from rsalign_jax.losses import triplet
 from rsalign_jax.models import ssjdn
 from rsalign_jax.runtime import sharding
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_config(arg=None):
-  spec = importlib.util.spec_from_file_location("ssjdn_config", CONFIGS / "ssjdn.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _normal(*shape, seed=0, scale=1.0):
@@ -280,13 +270,13 @@ def test_objective_without_scene_field_is_a_clear_error():
 
 
 def test_config_classes_follow_the_dataset_and_sydney_is_refused():
-  default = load_config()
+  default = load_config("ssjdn")
   assert (default.dataset.name, default.model.num_classes, default.input.fields) == ("synthetic_rs/small", 21,
                                                                                      ("scene",))
   assert default.dataset.image_size == 80 and default.model.resnet_width == 32
-  counts = {name: load_config(name).model.num_classes for name in ("rsicd", "rsitmd", "ucm")}
+  counts = {name: load_config("ssjdn", name).model.num_classes for name in ("rsicd", "rsitmd", "ucm")}
   assert counts == {"rsicd": 30, "rsitmd": 33, "ucm": 21}
-  paper = load_config("rsitmd")
+  paper = load_config("ssjdn", "rsitmd")
   assert (paper.optimizer.name, paper.optimizer.lr, paper.input.batch_size, paper.total_epochs) == ("adam", 2e-4,
                                                                                                     128, 50)
   assert paper.schedule.to_dict() == dict(name="warmup_step_decay", warmup_epochs=0, decay_every_epochs=20,
@@ -295,13 +285,12 @@ def test_config_classes_follow_the_dataset_and_sydney_is_refused():
   assert (paper.loss.margin, paper.loss.negatives, paper.model.embed_dim) == (0.2, "sum", 512)
   assert default.loss.negatives == "sum" and default.loss.class_weight == paper.loss.class_weight == 20.0
   with pytest.raises(ValueError, match="'sydney_captions' has none"):
-    load_config("sydney")
+    load_config("ssjdn", "sydney")
 
 
 def test_runlocal_trains_on_8_devices_and_writes_results(tmp_path_factory):
   assert jax.device_count() == 8
-  config = load_config("runlocal")
-  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")  # the sharded STL is tested above
+  config = runlocal_config(tmp_path_factory, "ssjdn")  # the sharded STL is tested above
   workdir = tmp_path_factory.mktemp("ssjdn")
   results = train.train_and_evaluate(config, str(workdir))
   written = json.loads((workdir / "results.json").read_text())

@@ -1,5 +1,4 @@
 """The trainer end to end on the tiny synthetic benchmark, on 8 virtual CPU devices: steps, results, resume."""
-import importlib.util
 import json
 import pathlib
 
@@ -8,29 +7,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import SHARED_DATA, load_config, runlocal_config
 from rsalign_jax import train
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-RSICD_AID150 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd_aid150"
-
-
-def hvsa_config(arg="runlocal"):
-  spec = importlib.util.spec_from_file_location("hvsa_config", CONFIGS / "hvsa.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def runlocal_config(tmp_path_factory, arg="runlocal", **overrides):
-  config = hvsa_config(arg)
-  config.dataset.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+RSICD_AID150 = SHARED_DATA / "rsicd_aid150"
 
 
 def saved_params(workdir, step):
@@ -97,6 +77,6 @@ def test_word_vocabulary_is_built_once_and_reused_from_the_workdir(tmp_path):
 
 
 def runlocal_config_for_text(**text):
-  config = hvsa_config()
+  config = load_config("hvsa", "runlocal")
   config.text.update(text)
   return config

@@ -26,8 +26,11 @@ fusion is left out. Our choices:
 - captions are read at position max(length, 1) - 1 (AMFMN infers lengths from non-zero ids and reads an empty
   caption at the batch's last step, which depends on the batch; HVSA's length-1 rule is used instead);
 - new layers use PyTorch's default init; norms are square roots floored at 1e-30, so that their gradient stays
-  finite for an all-zero (ReLU) text vector; the 1e-8 clamp makes the values identical.
+  finite for an all-zero (ReLU) text vector; the 1e-8 clamp makes the values identical;
+- options (models/towers.py): a pretrained EfficientNet-Lite trunk in place of ResNet-18 (`image_backbone`; its
+  f1..f4 feed MVSA the same way), MiniLM/BERT in place of the GRU (`text_encoder='bert'`), `frozen` towers.
 """
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -36,8 +39,7 @@ import jax.numpy as jnp
 
 from rsalign_jax.losses.similarity import pairwise_dot
 from rsalign_jax.models import layers
-from rsalign_jax.models import resnet
-from rsalign_jax.models import skipthoughts
+from rsalign_jax.models import towers
 
 ATT_TYPES = ("soft_att", "fusion_att", "similarity_att")
 _EPS = 1e-8  # the reference's cosine clamp on the product of norms
@@ -157,7 +159,7 @@ class CrossAttention(nn.Module):
     return map_image_blocks(scores, (visual, visual_proj), block)
 
 
-class Model(nn.Module):
+class Model(towers.SwappableTowers, nn.Module):
   """AMFMN's towers and its image-conditioned score (module docstring)."""
   vocab_size: int
   embed_dim: int = 512
@@ -169,20 +171,22 @@ class Model(nn.Module):
   hidden_dim: int = 2400
   text_dropout: float = 0.25
   score_chunk_elements: int = 1 << 23
+  image_backbone: str = "resnet"
+  text_encoder: str = "gru"
+  bert_config: Mapping[str, Any] | None = None
+  frozen: tuple[str, ...] = ()
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.resnet = resnet.ResNet(self.resnet_depth, self.resnet_width, self.dtype)
-    self.solo_fc = layers.torch_dense(self.embed_dim, fan_in=self.resnet.out_features, dtype=self.dtype)
+    self.setup_towers()
+    self.solo_fc = layers.torch_dense(self.embed_dim, fan_in=self.image_features_dim, dtype=self.dtype)
     self.mvsa = MVSA(self.embed_dim, self.mvsa_channels, self.dtype)
-    self.skipthoughts = skipthoughts.BayesianUniSkip(self.vocab_size, self.word_dim, self.hidden_dim,
-                                                     self.text_dropout, self.dtype)
-    self.text_fc = layers.torch_dense(self.embed_dim, fan_in=self.hidden_dim, dtype=self.dtype)
+    self.text_fc = layers.torch_dense(self.embed_dim, fan_in=self.sentence_dim, dtype=self.dtype)
     self.cross_attention = CrossAttention(self.att_type, self.score_chunk_elements)
 
   def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
     """(B, H, W, 3) normalised images (H = W a multiple of 16) -> (B, embed_dim) float32 F_v."""
-    f = self.resnet(images, train=train)
+    f = self.image_features(images, train=train)
     low = jnp.concatenate([f["f1"], nearest_resize(f["f2"], *f["f1"].shape[1:3])], axis=-1)
     high = jnp.concatenate([f["f3"], nearest_resize(f["f4"], *f["f3"].shape[1:3])], axis=-1)
     solo = self.solo_fc(f["f4"].mean(axis=(1, 2)))
@@ -190,8 +194,8 @@ class Model(nn.Module):
 
   def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
     """(B, T) 0-padded token ids and (B,) lengths -> (B, embed_dim) float32 t, non-negative."""
-    sentences = self.skipthoughts(tokens, lengths, train=train)
-    return nn.relu(self.text_fc(sentences)).astype(jnp.float32)
+    sentences = self.sentence_features(tokens, lengths, train=train)
+    return nn.relu(self.text_fc(sentences.astype(self.dtype))).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, lengths: jax.Array, *,
                train: bool) -> dict[str, jax.Array]:

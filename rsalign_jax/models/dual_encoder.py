@@ -1,11 +1,14 @@
 """CLIP / SigLIP dual encoder: an image tower and a text tower, each followed by a bias-free linear projection.
 
-Image towers (`image_tower`, kwargs in `image`): 'vit' (models/vit.py, CLIP's ViT) or 'resnet' (models/resnet.py,
-torchvision BasicBlock ResNet; global average pool of layer4). Text towers (`text_tower`, kwargs in `text`):
+Image towers (`image_tower`, kwargs in `image`): 'vit' (models/vit.py, CLIP's ViT), 'resnet' (models/resnet.py,
+torchvision BasicBlock ResNet; global average pool of layer4) or 'efficientnet' (models/efficientnet_lite.py; its
+pooled 1280-d head feature). Text towers (`text_tower`, kwargs in `text`):
 'transformer' (models/text_transformer.py, CLIP's causal text Transformer) or 'bert' (models/bert.py, BERT/MiniLM).
 `text_pool` picks the sentence state: 'argmax' (CLIP checkpoints: the end-of-text token has the highest id) or
 'last' (position lengths-1) for the transformer; 'mean' or 'cls' for BERT. Embeddings are returned unnormalised in
-float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does.
+float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does. Towers named in `frozen`
+('image', 'text') run in inference mode under `stop_gradient` (the optimizer's `frozen` patterns keep their
+parameters fixed), e.g. the linear-probe floor: pretrained towers frozen, only the projections trained.
 
 Parameter names: `image_encoder`, `text_encoder`, `image_projection/kernel` (OpenCLIP `visual.proj`),
 `text_projection/kernel` (OpenCLIP `text_projection`), so rsalign_jax.weights.clip maps CLIP checkpoints one to one.
@@ -19,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from rsalign_jax.losses.similarity import cosine_similarity
-from rsalign_jax.models import bert, resnet, text_transformer, vit
+from rsalign_jax.models import bert, efficientnet_lite, resnet, text_transformer, vit
 
-IMAGE_TOWERS = ("vit", "resnet")
+IMAGE_TOWERS = ("vit", "resnet", "efficientnet")
 TEXT_TOWERS = ("transformer", "bert")
 TEXT_POOLS = {"transformer": ("argmax", "last"), "bert": ("mean", "cls")}
 
@@ -35,12 +38,14 @@ class Model(nn.Module):
   text_tower: str = "transformer"
   text: Mapping[str, Any] | None = None
   text_pool: str = "last"
+  frozen: tuple[str, ...] = ()
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     # Tower kwargs arrive as dicts (config.model.to_dict()); frozen, the module stays hashable (jit caches key on it).
     object.__setattr__(self, "image", flax.core.FrozenDict(self.image or {}))
     object.__setattr__(self, "text", flax.core.FrozenDict(self.text or {}))
+    object.__setattr__(self, "frozen", tuple(self.frozen))
     super().__post_init__()
 
   def setup(self):
@@ -51,11 +56,15 @@ class Model(nn.Module):
     if self.text_pool not in TEXT_POOLS[self.text_tower]:
       raise ValueError(f"model.text_pool={self.text_pool!r}: the {self.text_tower!r} tower pools with one of "
                        f"{TEXT_POOLS[self.text_tower]}")
+    if set(self.frozen) - {"image", "text"}:
+      raise ValueError(f"model.frozen={self.frozen!r}: expected towers among ('image', 'text')")
     image, text = dict(self.image or {}), dict(self.text or {})
     if self.image_tower == "vit":
       self.image_encoder = vit.ViT(**image, dtype=self.dtype)
-    else:
+    elif self.image_tower == "resnet":
       self.image_encoder = resnet.ResNet(**image, dtype=self.dtype)
+    else:
+      self.image_encoder = efficientnet_lite.EfficientNetLite(**image, dtype=self.dtype)
     if self.text_tower == "transformer":
       self.text_encoder = text_transformer.TextTransformer(self.vocab_size, **text, dtype=self.dtype)
     else:
@@ -67,19 +76,26 @@ class Model(nn.Module):
 
   def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, embed_dim) float32."""
-    features = self.image_encoder(images, train=train)
+    frozen = "image" in self.frozen
+    features = self.image_encoder(images, train=train and not frozen)
     if self.image_tower == "resnet":
       features = features["f4"].mean(axis=(1, 2))
-    return self.image_projection(features).astype(jnp.float32)
+    elif self.image_tower == "efficientnet":
+      features = features["pooled"]
+    features = jax.lax.stop_gradient(features) if frozen else features
+    return self.image_projection(features.astype(self.dtype)).astype(jnp.float32)
 
   def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
     """(B, T) token ids and (B,) lengths -> (B, embed_dim) float32."""
+    frozen = "text" in self.frozen
+    train = train and not frozen
     if self.text_tower == "transformer":
       hidden = self.text_encoder(tokens, train=train)
       pooled = text_transformer.pool_tokens(hidden, tokens, lengths, self.text_pool)
     else:
       hidden = self.text_encoder(tokens, lengths, train=train)
       pooled = bert.mean_pool(hidden, lengths) if self.text_pool == "mean" else bert.cls_pool(hidden)
+    pooled = jax.lax.stop_gradient(pooled) if frozen else pooled
     return self.text_projection(pooled.astype(self.dtype)).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, lengths: jax.Array, *,

@@ -15,6 +15,7 @@ and 4, and the head's 1280-channel map, like ResNet's layer1..layer4) and 'poole
 Module names mirror the checkpoint: `conv_stem`, `bn0`, `blocks_{n}/{expand_conv,bn0,depthwise_conv,bn1,
 project_conv,bn2}`, `conv_head`, `bn1`; kernels are HWIO (PyTorch's OIHW transposed).
 """
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -62,9 +63,88 @@ def block_configs(width: float, depth: float) -> list[BlockConfig]:
   return blocks
 
 
-def conv(features: int, kernel: int, stride: int, dtype: Any, name: str, groups: int = 1) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=stride, padding="SAME", feature_group_count=groups,
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding="SAME", use_bias=False, kernel_init=conv_init,
+                 dtype=dtype, name=name)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
+  """TF 'SAME' along one axis: (pad before, pad after, output size); the odd pixel goes after."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2, out
+
+
+def _windows(padded: jax.Array, k: int, stride: int, out_h: int, out_w: int):
+  """(dy, dx, the strided (B, out_h, out_w, C) slice of `padded` that kernel tap (dy, dx) multiplies)."""
+  b, _, _, c = padded.shape
+  for dy in range(k):
+    for dx in range(k):
+      end = (b, dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1, c)
+      yield dy, dx, jax.lax.slice(padded, (0, dy, dx, 0), end, (1, stride, stride, 1))
+
+
+def _pad_same(x: jax.Array, k: int, stride: int):
+  (top, bottom, out_h), (left, right, out_w) = same_padding(x.shape[1], k, stride), same_padding(x.shape[2], k, stride)
+  return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), (top, left, out_h, out_w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Depthwise conv with TF 'SAME' padding as a sum of k*k strided slices times per-channel weights.
+
+  kernel: (k, k, 1, C), the grouped-convolution layout. Equal to `lax.conv_general_dilated(...,
+  feature_group_count=C)` up to float rounding, and on CPU far faster: XLA:CPU runs grouped convolutions as slow
+  generic loops, while this is one fused elementwise loop. The gradient is written the same way (custom VJP):
+  the input's is a stride-1 correlation of the stride-dilated output gradient with the flipped kernel, the
+  kernel's one reduction per tap (autodiff of the slices instead scatters k*k padded copies).
+  """
+  padded, (_, _, out_h, out_w) = _pad_same(x, kernel.shape[0], stride)
+  return sum(window * kernel[dy, dx, 0] for dy, dx, window in _windows(padded, kernel.shape[0], stride, out_h, out_w))
+
+
+def _depthwise_forward(x, kernel, stride):
+  return shifted_depthwise_conv(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_backward(stride, residuals, grad):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  padded, (top, left, out_h, out_w) = _pad_same(x, k, stride)
+  grad_kernel = jnp.stack([(window * grad).sum(axis=(0, 1, 2))
+                           for _, _, window in _windows(padded, k, stride, out_h, out_w)])
+  b, height, width, c = padded.shape
+  span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+  dilated = jax.lax.pad(grad, jnp.zeros((), grad.dtype), ((0, 0, 0), (k - 1, height - span_h, stride - 1),
+                                                          (k - 1, width - span_w, stride - 1), (0, 0, 0)))
+  grad_padded = sum(jax.lax.slice(dilated, (0, k - 1 - dy, k - 1 - dx, 0), (b, k - 1 - dy + height,
+                                                                            k - 1 - dx + width, c))
+                    * kernel[dy, dx, 0] for dy in range(k) for dx in range(k))
+  grad_x = grad_padded[:, top:top + x.shape[1], left:left + x.shape[2]]
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+shifted_depthwise_conv.defvjp(_depthwise_forward, _depthwise_backward)
+
+
+class DepthwiseConv(nn.Module):
+  """k x k depthwise conv without bias, TF 'SAME' padding; parameter `kernel` (k, k, 1, C) as nn.Conv's grouped
+  kernel (same initialiser, so checkpoints and init streams are unchanged). On CPU it runs as
+  `shifted_depthwise_conv` (measured at EfficientNet-Lite0 shapes, batch 128: 6-20x faster forward, ~10x faster
+  gradient than XLA:CPU's grouped convolution); elsewhere as the grouped convolution."""
+  kernel_size: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, channels), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if jax.default_backend() == "cpu":
+      return shifted_depthwise_conv(x, kernel, self.stride)
+    return jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
 def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
@@ -85,7 +165,7 @@ class MBConv(nn.Module):
     x = inputs
     if c.expand_ratio != 1:
       x = jax.nn.relu6(batch_norm(train, self.dtype, "bn0")(conv(hidden, 1, 1, self.dtype, "expand_conv")(x)))
-    x = conv(hidden, c.kernel, c.stride, self.dtype, "depthwise_conv", groups=hidden)(x)
+    x = DepthwiseConv(c.kernel, c.stride, self.dtype, name="depthwise_conv")(x)
     x = jax.nn.relu6(batch_norm(train, self.dtype, "bn1")(x))
     x = batch_norm(train, self.dtype, "bn2")(conv(c.out_features, 1, 1, self.dtype, "project_conv")(x))
     if c.stride != 1 or c.in_features != c.out_features:

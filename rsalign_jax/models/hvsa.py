@@ -12,7 +12,12 @@ Where the released code differs from the paper (METHODS 2.8), this follows the c
 - image "MLP": a single Linear(512, 512), no activation;
 - KEA's value memory starts as the transpose of its key memory and is then trained independently;
 - an empty caption is encoded as the GRU state after one step on the zero padding vector.
+
+Our options (models/towers.py): a pretrained EfficientNet-Lite trunk in place of ResNet-18 (`image_backbone`; its
+1280-channel last map feeds KEA) and MiniLM/BERT in place of the GRU (`text_encoder='bert'`; the mean-pooled
+sentence feeds the same ReLU(Linear) head); `frozen` towers.
 """
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -21,11 +26,10 @@ import jax.numpy as jnp
 
 from rsalign_jax.losses.similarity import cosine_similarity
 from rsalign_jax.models import layers
-from rsalign_jax.models import resnet
-from rsalign_jax.models import skipthoughts
+from rsalign_jax.models import towers
 
 
-class Model(nn.Module):
+class Model(towers.SwappableTowers, nn.Module):
   """HVSA's two towers; `embed_images` and `embed_texts` run independently, `score` compares their outputs."""
   vocab_size: int
   embed_dim: int = 512
@@ -35,25 +39,27 @@ class Model(nn.Module):
   word_dim: int = 620
   hidden_dim: int = 2400
   text_dropout: float = 0.25
+  image_backbone: str = "resnet"
+  text_encoder: str = "gru"
+  bert_config: Mapping[str, Any] | None = None
+  frozen: tuple[str, ...] = ()
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.resnet = resnet.ResNet(self.resnet_depth, self.resnet_width, self.dtype)
+    self.setup_towers()
     self.kea = layers.KeyEntityAttention(self.kea_slots, self.dtype)
-    self.image_fc = layers.torch_dense(self.embed_dim, fan_in=self.resnet.out_features, dtype=self.dtype)
-    self.skipthoughts = skipthoughts.BayesianUniSkip(self.vocab_size, self.word_dim, self.hidden_dim,
-                                                     self.text_dropout, self.dtype)
-    self.text_fc = layers.torch_dense(self.embed_dim, fan_in=self.hidden_dim, dtype=self.dtype)
+    self.image_fc = layers.torch_dense(self.embed_dim, fan_in=self.image_features_dim, dtype=self.dtype)
+    self.text_fc = layers.torch_dense(self.embed_dim, fan_in=self.sentence_dim, dtype=self.dtype)
 
   def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, embed_dim) float32."""
-    features = self.kea(self.resnet(images, train=train)["f4"], train=train)
+    features = self.kea(self.image_features(images, train=train)["f4"], train=train)
     return self.image_fc(features.mean(axis=(1, 2))).astype(jnp.float32)
 
   def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
     """(B, T) 0-padded token ids and (B,) lengths -> (B, embed_dim) float32, non-negative."""
-    sentences = self.skipthoughts(tokens, lengths, train=train)
-    return nn.relu(self.text_fc(sentences)).astype(jnp.float32)
+    sentences = self.sentence_features(tokens, lengths, train=train)
+    return nn.relu(self.text_fc(sentences.astype(self.dtype))).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, lengths: jax.Array, *,
                train: bool) -> dict[str, jax.Array]:

