@@ -69,18 +69,25 @@ class Run:
   def output(self):
     return self._log_path.read_text()
 
+  def failure_report(self):
+    """The first error lines of every process (the root cause) and the end of process 0's output."""
+    logs = [self._log_path, *sorted(self.workdir.glob("process_*.log"))]
+    first_errors = [f"{log.name}: {line}" for log in logs for line in log.read_text().splitlines()
+                    if re.match(r"[EF]\d{4} |\w*Error", line)][:20]
+    return "\n".join(first_errors) + "\n...\n" + self.output()[-2000:]
+
   def wait_for_checkpoint(self, step, timeout=600):
     """Waits until checkpoint `step` is complete (orbax renames its tmp dir only when the save has finished)."""
     deadline = time.time() + timeout
     while not (self.workdir / "checkpoints" / str(step)).is_dir():
-      assert self.process.poll() is None, self.output()[-3000:]
+      assert self.process.poll() is None, self.failure_report()
       assert time.time() < deadline, f"no checkpoint {step} after {timeout}s"
       time.sleep(0.05)
 
   def finish(self, timeout=1800):
     """Waits for the exit, asserts it was clean, returns the output."""
     self.process.wait(timeout=timeout)
-    assert self.process.returncode == 0, self.output()[-3000:]
+    assert self.process.returncode == 0, self.failure_report()
     return self.output()
 
 

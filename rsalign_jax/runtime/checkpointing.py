@@ -4,16 +4,23 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 leaves a half-written checkpoint that a restart would pick up.
 """
 import json
+import os
 
 import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Saves/restores {state, loader, meta} under one directory, keeping the newest `keep` steps."""
+  """Saves/restores {state, loader, meta} under one directory, keeping the newest `keep` steps.
+
+  Processes agree that an async save finished through a barrier named after the step; the directory's name
+  prefixes it, so two checkpointers saving the same step at once (the trainer's latest and best) do not collide.
+  """
 
   def __init__(self, directory, keep=2):
-    self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    barrier_prefix = os.path.basename(os.path.normpath(directory))
+    multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix)
+    self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, multiprocessing_options=multiprocessing))
 
   def latest_step(self):
     return self._manager.latest_step()
