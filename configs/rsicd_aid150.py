@@ -22,12 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {
     # The floor every method must clear: both pretrained towers frozen, only linear heads trained (InfoNCE).
     "floor": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=image+text", 5, 1e-3),
-    "clip_pretrained": ("clip", "image_tower=lite0,text_tower=bert,init=minilm", 5, 1e-4),
-    "hvsa_pretrained": ("hvsa", "image_backbone=lite0,text_encoder=minilm", 5, 1e-4),
-    "hvsa_pretrained_vsepp": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=vsepp", 5, 1e-4),
-    "hvsa_pretrained_infonce": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=infonce", 5, 1e-4),
-    "hvsa_pretrained_gru": ("hvsa", "image_backbone=lite0", 5, 1e-4),
-    "hvsa_scratch_minilm": ("hvsa", "text_encoder=minilm", 5, 1e-4),
+    "clip_pretrained": ("clip", "image_tower=lite0,text_tower=bert,init=minilm", 4, 1e-4),
+    "hvsa_pretrained": ("hvsa", "image_backbone=lite0,text_encoder=minilm", 4, 1e-4),
+    "hvsa_pretrained_vsepp": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=vsepp", 4, 1e-4),
+    "hvsa_pretrained_infonce": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=infonce", 4, 1e-4),
+    "hvsa_pretrained_gru": ("hvsa", "image_backbone=lite0", 4, 1e-4),
+    "hvsa_scratch_minilm": ("hvsa", "text_encoder=minilm", 4, 1e-4),
 }
 
 

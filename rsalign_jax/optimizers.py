@@ -57,12 +57,11 @@ def frozen_labels(patterns):
   compiled = [re.compile(p) for p in patterns]
 
   def labels(params):
-    paths = {jax.tree_util.keystr(path, simple=True, separator="/"): path
-             for path, _ in jax.tree_util.tree_leaves_with_path(params)}
-    unused = [p.pattern for p in compiled if not any(p.fullmatch(name) for name in paths)]
+    names = jax.tree_util.tree_map_with_path(
+        lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), params)
+    unused = [p.pattern for p in compiled if not any(p.fullmatch(name) for name in jax.tree.leaves(names))]
     if unused:
-      raise ValueError(f"optimizer.frozen: {unused} match no parameter; parameters look like {sorted(paths)[:3]}")
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if any(p.fullmatch(jax.tree_util.keystr(path, simple=True, separator="/"))
-                                        for p in compiled) else "train", params)
+      raise ValueError(f"optimizer.frozen: {unused} match no parameter; parameters look like "
+                       f"{sorted(jax.tree.leaves(names))[:3]}")
+    return jax.tree.map(lambda name: "frozen" if any(p.fullmatch(name) for p in compiled) else "train", names)
   return labels
