@@ -9,7 +9,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import load_config, runlocal_config
+from helpers import config_module, load_config, runlocal_config
 from rsalign_jax import configlib, optimizers, train
 from rsalign_jax.data import preprocessing
 from rsalign_jax.models import amfmn, dual_encoder, efficientnet_lite, hvsa
@@ -156,3 +156,19 @@ def test_shifted_depthwise_conv_and_its_gradient_equal_the_grouped_convolution(k
   loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))  # a non-constant output gradient
   for got, want in zip(jax.grad(loss(shifted), (0, 1))(x, kernel), jax.grad(loss(grouped), (0, 1))(x, kernel)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_weights
+def test_rsicd_aid150_rows_build_with_the_documented_schedule():
+  module = config_module("rsicd_aid150")
+  for row, (method, _, epochs, lr) in module.ROWS.items():
+    config = module.get_config(f"{row},seed=2,manual_dir=/data/aid150,data_dir=/data/tfds")
+    assert (config.dataset.name, config.dataset.manual_dir, config.dataset.data_dir) == ("rsicd", "/data/aid150",
+                                                                                        "/data/tfds")
+    assert (config.dataset.image_size, config.input.sampling, config.input.batch_size) == (150, "per_image", 128)
+    assert (config.total_epochs, config.optimizer.lr, config.seed) == (epochs, lr, 2)
+    assert config.model_name == ("dual_encoder" if method == "clip" else "hvsa")
+  assert module.get_config("floor").model.frozen == ("image", "text")
+  assert module.get_config("hvsa_pretrained_vsepp").loss_name == "vsepp"
+  with pytest.raises(ValueError, match="config arg row 'hvsa_big': expected one of"):
+    module.get_config("hvsa_big")
