@@ -1,5 +1,34 @@
-"""Test session setup: 8 virtual CPU devices, so multi-device code is exercised everywhere."""
+"""Test session setup: 8 virtual CPU devices, so multi-device code is exercised everywhere, and one persistent XLA
+compilation cache per test run, shared by the xdist workers and the processes the multi-process tests start: many
+tests train the same runlocal configs, and compiling them is most of the suite's time."""
 import os
+import shutil
+import tempfile
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+  workerinput = getattr(config, "workerinput", None)
+  if workerinput is None:  # the controlling process (or a run without xdist) owns the cache directory
+    config.xla_cache_dir = tempfile.mkdtemp(prefix="rsalign_jax_xla_cache_")
+    cache_dir = config.xla_cache_dir
+  else:
+    cache_dir = workerinput["xla_cache_dir"]
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """xdist hook (controller): hands each worker the run's cache directory."""
+  node.workerinput["xla_cache_dir"] = node.config.xla_cache_dir
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "workerinput", None) is None and hasattr(config, "xla_cache_dir"):
+    shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
