@@ -55,7 +55,8 @@ def time_train_step(config, image_size, steps=5):
     start = time.time()
     step = jax.jit(functools.partial(train.train_step, model=model, objective=objective, tx=tx, schedule=schedule,
                                      dropout_key=jax.random.key(1),
-                                     grad_cache_chunk=config.get("grad_cache_chunk", 0))).lower(state, batch).compile()
+                                     grad_cache_chunk=config.get("grad_cache_chunk", 0),
+                                     frozen=tuple(config.optimizer.get("frozen", ())))).lower(state, batch).compile()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_seconds = time.time() - start

@@ -18,11 +18,17 @@ import os
 from rsalign_jax import configlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# row -> (method config, its arg, epochs, lr)
+# EfficientNet-Lite0's stem and its first five stages (blocks 0-10; the last two stages, blocks 11-15, work at 5x5 px).
+LITE0_EARLY_STAGES = "model/image_encoder/(conv_stem|bn0|blocks_([0-9]|10))/.*"
+# row -> (method config, its arg, epochs, lr[, optimizer overrides])
 ROWS = {
     # The floor every method must clear: both pretrained towers frozen, only linear heads trained (InfoNCE).
     "floor": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=image+text", 5, 1e-3),
     "clip_pretrained": ("clip", "image_tower=lite0,text_tower=bert,init=minilm", 4, 1e-4),
+    # The floor plus EfficientNet-Lite0's last two stages fine-tuned at 0.1x the heads' lr (about 2x the floor's
+    # step time: autodiff stops at block 11).
+    "clip_top_stages": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=text", 5, 1e-3,
+                        dict(frozen=(LITE0_EARLY_STAGES,), lr_mults=(("model/image_encoder/.*", 0.1),))),
     "hvsa_pretrained": ("hvsa", "image_backbone=lite0,text_encoder=minilm", 4, 1e-4),
     "hvsa_pretrained_vsepp": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=vsepp", 4, 1e-4),
     "hvsa_pretrained_infonce": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=infonce", 4, 1e-4),
@@ -37,13 +43,15 @@ def get_config(arg=None):
                             data_dir=os.path.join("~", "tensorflow_datasets", "rsicd_aid150"))
   if arg.row not in ROWS:
     raise ValueError(f"config arg row {arg.row!r}: expected one of {sorted(ROWS)}")
-  method, method_arg, epochs, lr = ROWS[arg.row]
+  method, method_arg, epochs, lr, *optimizer = ROWS[arg.row]
   config = load_method_config(method, f"rsicd,{method_arg},seed={arg.seed},image_size=150,"
                                       f"manual_dir={arg.manual_dir},data_dir={os.path.expanduser(arg.data_dir)}")
   config.input.batch_size = 128
   config.input.sampling = "per_image"
   config.total_epochs = arg.epochs or epochs
   config.optimizer.lr = lr
+  for name, value in (optimizer[0] if optimizer else {}).items():
+    config.optimizer[name] = config.optimizer.get(name, ()) + value
   config.schedule = dict(name="warmup_step_decay", warmup_epochs=1, decay_every_epochs=config.total_epochs,
                          decay_factor=0.1)
   config.checkpoint_every_steps = 200

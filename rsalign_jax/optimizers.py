@@ -36,32 +36,72 @@ def make_optimizer(config, schedule):
 
   `optimizer.frozen` (regexes over '/'-joined parameter paths such as 'model/efficientnet/.*') names parameters
   that never change: neither updates nor weight decay reach them and they get no optimizer state.
+  `optimizer.lr_mults` ((regex, factor) pairs, the first match wins) scales the schedule for those parameters, as
+  torch's parameter groups do: e.g. a pretrained backbone at 0.1x the lr of freshly initialised heads.
   """
   opt = config.optimizer
-  if opt.name == "adamw":
-    tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
-  elif opt.name == "adam":
-    tx = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
-  else:
+  if opt.name not in ("adamw", "adam"):
     raise ValueError(f"optimizer.name={opt.name!r}: expected 'adamw' or 'adam'")
-  if opt.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+
+  def optimizer(lr):
+    if opt.name == "adamw":
+      return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    return optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+
   frozen = tuple(opt.get("frozen", ()))
-  if frozen:
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels(frozen))
+  lr_mults = tuple((pattern, float(factor)) for pattern, factor in opt.get("lr_mults", ()))
+  if frozen or lr_mults:
+    groups = {"train": optimizer(schedule), "frozen": optax.set_to_zero()}
+    groups.update({f"lr_mults[{i}]": optimizer(scaled(schedule, factor)) for i, (_, factor) in enumerate(lr_mults)})
+    tx = optax.multi_transform(groups, parameter_labels(frozen, [pattern for pattern, _ in lr_mults]))
+  else:
+    tx = optimizer(schedule)
+  if opt.grad_clip_norm:  # frozen parameters' gradients are zero (train_step), so the norm is the trained ones'
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   return tx
 
 
-def frozen_labels(patterns):
-  """params -> the same tree of 'frozen' / 'train' labels; a pattern that matches no parameter is an error."""
-  compiled = [re.compile(p) for p in patterns]
+def scaled(schedule, factor):
+  if callable(schedule):
+    return lambda step: factor * schedule(step)
+  return factor * schedule
+
+
+def stop_frozen_gradients(params, frozen):
+  """`params` with stop_gradient on the leaves where the tree `frozen` is True.
+
+  Inside a differentiated function this spares autodiff the weight gradients of frozen parameters and the whole
+  backward pass below the lowest trainable layer: a backbone frozen up to its last blocks trains at little more
+  than the cost of its forward pass.
+  """
+  return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
+def frozen_mask(params, patterns):
+  """params -> the same tree of bools, True where one of `patterns` (regexes, see `parameter_labels`) matches."""
+  return jax.tree.map(lambda label: label == "frozen", parameter_labels(patterns)(params))
+
+
+def parameter_labels(frozen, lr_mults=()):
+  """params -> the same tree of labels: 'frozen' where a `frozen` regex matches the '/'-joined path, else
+  'lr_mults[i]' for the first of the `lr_mults` regexes that matches, else 'train'. A regex that matches no
+  parameter is an error (a typo would otherwise silently train or freeze the wrong thing)."""
+  named = {"optimizer.frozen": [re.compile(p) for p in frozen],
+           "optimizer.lr_mults": [re.compile(p) for p in lr_mults]}
 
   def labels(params):
     names = jax.tree_util.tree_map_with_path(
         lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), params)
-    unused = [p.pattern for p in compiled if not any(p.fullmatch(name) for name in jax.tree.leaves(names))]
-    if unused:
-      raise ValueError(f"optimizer.frozen: {unused} match no parameter; parameters look like "
-                       f"{sorted(jax.tree.leaves(names))[:3]}")
-    return jax.tree.map(lambda name: "frozen" if any(p.fullmatch(name) for p in compiled) else "train", names)
+    for field, compiled in named.items():
+      unused = [p.pattern for p in compiled if not any(p.fullmatch(name) for name in jax.tree.leaves(names))]
+      if unused:
+        raise ValueError(f"{field}: {unused} match no parameter; parameters look like "
+                         f"{sorted(jax.tree.leaves(names))[:3]}")
+
+    def label(name):
+      if any(p.fullmatch(name) for p in named["optimizer.frozen"]):
+        return "frozen"
+      return next((f"lr_mults[{i}]" for i, p in enumerate(named["optimizer.lr_mults"]) if p.fullmatch(name)),
+                  "train")
+    return jax.tree.map(label, names)
   return labels

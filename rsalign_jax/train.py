@@ -101,21 +101,26 @@ def create_train_state(rng, model, objective, tx, example):
                     opt_state=tx.init(params))
 
 
-def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, grad_cache_chunk=0):
+def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, grad_cache_chunk=0, frozen=()):
   """One update on a global batch; returns the new state and float32 scalar metrics.
+
+  frozen: the optimizer's `frozen` regexes; autodiff skips those parameters (their gradients are zero).
 
   grad_cache_chunk > 0: the same full-batch gradient by gradient caching (`rsalign_jax.gradcache`), embedding the
   batch in chunks of that many examples (BatchNorm then normalises per chunk, as it does per device).
   """
   rng = jax.random.fold_in(dropout_key, state.step)
+  frozen_params = optimizers.frozen_mask(state.params, frozen)
 
   def embed(model_params, examples, rng):
+    model_params = optimizers.stop_frozen_gradients(model_params, frozen_params["model"])
     args, fields = model_inputs(model, examples)
     outputs, updates = model.apply({"params": model_params, "batch_stats": state.batch_stats}, *args, **fields,
                                    train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
     return outputs, updates.get("batch_stats", {})
 
   def objective_loss(objective_params, outputs, batch):
+    objective_params = optimizers.stop_frozen_gradients(objective_params, frozen_params["objective"])
     return objective.apply({"params": objective_params}, outputs, batch)
 
   if grad_cache_chunk:
@@ -311,7 +316,8 @@ def _train_and_evaluate(config, workdir, mesh):
                                                       setup.retrieval)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, objective=setup.objective, tx=setup.tx, schedule=setup.schedule,
-                        dropout_key=jax.random.fold_in(rng, 1), grad_cache_chunk=config.grad_cache_chunk),
+                        dropout_key=jax.random.fold_in(rng, 1), grad_cache_chunk=config.grad_cache_chunk,
+                        frozen=tuple(config.optimizer.get("frozen", ()))),
       out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
       donate_argnums=(0,) if jax.devices()[0].platform != "cpu" else ())
 

@@ -161,7 +161,7 @@ def test_shifted_depthwise_conv_and_its_gradient_equal_the_grouped_convolution(k
 @needs_weights
 def test_rsicd_aid150_rows_build_with_the_documented_schedule():
   module = config_module("rsicd_aid150")
-  for row, (method, _, epochs, lr) in module.ROWS.items():
+  for row, (method, _, epochs, lr, *_) in module.ROWS.items():
     config = module.get_config(f"{row},seed=2,manual_dir=/data/aid150,data_dir=/data/tfds")
     assert (config.dataset.name, config.dataset.manual_dir, config.dataset.data_dir) == ("rsicd", "/data/aid150",
                                                                                         "/data/tfds")
@@ -170,5 +170,9 @@ def test_rsicd_aid150_rows_build_with_the_documented_schedule():
     assert config.model_name == ("dual_encoder" if method == "clip" else "hvsa")
   assert module.get_config("floor").model.frozen == ("image", "text")
   assert module.get_config("hvsa_pretrained_vsepp").loss_name == "vsepp"
+  top_stages = module.get_config("clip_top_stages")
+  assert top_stages.model.frozen == ("text",)
+  assert top_stages.optimizer.frozen == ("model/text_encoder/.*", module.LITE0_EARLY_STAGES)
+  assert top_stages.optimizer.lr_mults == (("model/image_encoder/.*", 0.1),)
   with pytest.raises(ValueError, match="config arg row 'hvsa_big': expected one of"):
     module.get_config("hvsa_big")
