@@ -62,6 +62,7 @@ def make_optimizer(config, schedule):
 
 
 def scaled(schedule, factor):
+  """`schedule` (a function of the step, or a constant lr) times `factor`."""
   if callable(schedule):
     return lambda step: factor * schedule(step)
   return factor * schedule
