@@ -110,17 +110,17 @@ def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, gra
   batch in chunks of that many examples (BatchNorm then normalises per chunk, as it does per device).
   """
   rng = jax.random.fold_in(dropout_key, state.step)
-  frozen_params = optimizers.frozen_mask(state.params, frozen)
+  is_frozen = optimizers.frozen_mask(state.params, frozen)
 
   def embed(model_params, examples, rng):
-    model_params = optimizers.stop_frozen_gradients(model_params, frozen_params["model"])
+    model_params = optimizers.stop_frozen_gradients(model_params, is_frozen["model"])
     args, fields = model_inputs(model, examples)
     outputs, updates = model.apply({"params": model_params, "batch_stats": state.batch_stats}, *args, **fields,
                                    train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
     return outputs, updates.get("batch_stats", {})
 
   def objective_loss(objective_params, outputs, batch):
-    objective_params = optimizers.stop_frozen_gradients(objective_params, frozen_params["objective"])
+    objective_params = optimizers.stop_frozen_gradients(objective_params, is_frozen["objective"])
     return objective.apply({"params": objective_params}, outputs, batch)
 
   if grad_cache_chunk:
