@@ -29,6 +29,15 @@ ROWS = {
     # step time: autodiff stops at block 11).
     "clip_top_stages": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=text", 5, 1e-3,
                         dict(frozen=(LITE0_EARLY_STAGES,), lr_mults=(("model/image_encoder/.*", 0.1),))),
+    # The ablation on frozen pretrained trunks (the floor's budget): HVSA's heads (KEA over Lite0's last map, a
+    # ReLU(Linear) over MiniLM's sentence) with HVSA's loss, plain VSE++ or InfoNCE; a GRU trained from scratch in
+    # place of MiniLM; a ResNet-18 trained from scratch in place of Lite0.
+    "hvsa_frozen": ("hvsa", "image_backbone=lite0,text_encoder=minilm,frozen=image+text", 5, 1e-3),
+    "hvsa_frozen_vsepp": ("hvsa", "image_backbone=lite0,text_encoder=minilm,frozen=image+text,loss=vsepp", 5, 1e-3),
+    "hvsa_frozen_infonce": ("hvsa", "image_backbone=lite0,text_encoder=minilm,frozen=image+text,loss=infonce", 5,
+                            1e-3),
+    "hvsa_frozen_image_gru": ("hvsa", "image_backbone=lite0,frozen=image", 5, 1e-3),
+    "hvsa_scratch_image_frozen_text": ("hvsa", "text_encoder=minilm,frozen=text", 5, 1e-3),
     "hvsa_pretrained": ("hvsa", "image_backbone=lite0,text_encoder=minilm", 4, 1e-4),
     "hvsa_pretrained_vsepp": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=vsepp", 4, 1e-4),
     "hvsa_pretrained_infonce": ("hvsa", "image_backbone=lite0,text_encoder=minilm,loss=infonce", 4, 1e-4),

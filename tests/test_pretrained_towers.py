@@ -170,6 +170,15 @@ def test_rsicd_aid150_rows_build_with_the_documented_schedule():
     assert config.model_name == ("dual_encoder" if method == "clip" else "hvsa")
   assert module.get_config("floor").model.frozen == ("image", "text")
   assert module.get_config("hvsa_pretrained_vsepp").loss_name == "vsepp"
+
+  def towers(row):
+    model = module.get_config(row).model
+    return model.get("image_backbone", "resnet"), model.get("text_encoder", "gru"), model.frozen
+
+  assert towers("hvsa_frozen") == ("lite0", "bert", ("image", "text"))
+  assert towers("hvsa_frozen_image_gru") == ("lite0", "gru", ("image",))
+  assert towers("hvsa_scratch_image_frozen_text") == ("resnet", "bert", ("text",))
+  assert module.get_config("hvsa_frozen_infonce").loss_name == "clip"
   top_stages = module.get_config("clip_top_stages")
   assert top_stages.model.frozen == ("text",)
   assert top_stages.optimizer.frozen == ("model/text_encoder/.*", module.LITE0_EARLY_STAGES)
