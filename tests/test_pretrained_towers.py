@@ -31,15 +31,20 @@ def batch(rows=4, size=32, t=6, seed=0):
 
 def grads_and_stats(model, frozen_batch):
   images, tokens, lengths = frozen_batch
-  variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images, tokens, lengths,
-                         train=False)
+  variables = init(model, images, tokens, lengths)
 
   def loss(params):
     out, updates = model.apply({**variables, "params": params}, images, tokens, lengths, train=True,
                                rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
     return jnp.sum(out["image_embedding"] * out["text_embedding"]), updates
-  grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
+  grads, updates = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
   return variables, grads, updates
+
+
+def init(model, images, tokens, lengths):
+  """model.init under one jit: op by op, EfficientNet-Lite's many small convolutions each compile on their own."""
+  return jax.jit(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images, tokens,
+                                    lengths, train=False))()
 
 
 def test_frozen_text_tower_gets_zero_gradients_while_the_image_tower_trains_with_batch_statistics():
@@ -58,11 +63,11 @@ def test_amfmn_takes_efficientnet_maps_and_bert_sentences():
   model = amfmn.Model(vocab_size=40, embed_dim=8, image_backbone="lite0", text_encoder="bert",
                       bert_config=SMALL_BERT)
   images, tokens, lengths = batch(rows=3, size=64)
-  variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, images, tokens, lengths,
-                         train=False)
+  variables = init(model, images, tokens, lengths)
   assert set(variables["params"]) >= {"efficientnet", "bert"} and not {"resnet", "skipthoughts"} & set(
       variables["params"])
-  assert model.apply(variables, images, tokens, lengths, train=False)["scores"].shape == (3, 3)
+  scores = jax.jit(lambda: model.apply(variables, images, tokens, lengths, train=False)["scores"])()
+  assert scores.shape == (3, 3)
 
 
 def test_frozen_efficientnet_tower_gets_zero_gradients_and_keeps_its_batchnorm_statistics():
