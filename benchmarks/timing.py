@@ -56,7 +56,7 @@ def time_train_step(config, image_size, steps=5):
     step = jax.jit(functools.partial(train.train_step, model=model, objective=objective, tx=tx, schedule=schedule,
                                      dropout_key=jax.random.key(1),
                                      grad_cache_chunk=config.get("grad_cache_chunk", 0),
-                                     frozen=tuple(config.optimizer.get("frozen", ())))).lower(state, batch).compile()
+                                     frozen=optimizers.frozen_patterns(config))).lower(state, batch).compile()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_seconds = time.time() - start

@@ -48,7 +48,7 @@ def make_optimizer(config, schedule):
       return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
     return optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
 
-  frozen = tuple(opt.get("frozen", ()))
+  frozen = frozen_patterns(config)
   lr_mults = tuple((pattern, float(factor)) for pattern, factor in opt.get("lr_mults", ()))
   if frozen or lr_mults:
     groups = {"train": optimizer(schedule), "frozen": optax.set_to_zero()}
@@ -59,6 +59,11 @@ def make_optimizer(config, schedule):
   if opt.grad_clip_norm:  # frozen parameters' gradients are zero (train_step), so the norm is the trained ones'
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   return tx
+
+
+def frozen_patterns(config):
+  """`optimizer.frozen` as a tuple: hashable, so train_step can take it as a static argument."""
+  return tuple(config.optimizer.get("frozen", ()))
 
 
 def scaled(schedule, factor):

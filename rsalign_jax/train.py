@@ -317,7 +317,7 @@ def _train_and_evaluate(config, workdir, mesh):
   step_fn = jax.jit(
       functools.partial(train_step, model=model, objective=setup.objective, tx=setup.tx, schedule=setup.schedule,
                         dropout_key=jax.random.fold_in(rng, 1), grad_cache_chunk=config.grad_cache_chunk,
-                        frozen=tuple(config.optimizer.get("frozen", ()))),
+                        frozen=optimizers.frozen_patterns(config)),
       out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
       donate_argnums=(0,) if jax.devices()[0].platform != "cpu" else ())
 
