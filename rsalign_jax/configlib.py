@@ -89,6 +89,9 @@ def base_config(arg):
   # Pretrained weights (`train.load_pretrained`): name -> dict(format='<rsalign_jax.weights module>.<loader>',
   # checkpoint=PATH, into='params/model/<tower>'); entries with an empty checkpoint are skipped.
   config.init = ml_collections.ConfigDict()
+  # Frozen towers computed once (`rsalign_jax.trunk_cache`): views > 0 trains the heads on cached trunk outputs of
+  # that many dihedral views per training image (replacing input.pp_train); dir '' = beside the tfds build.
+  config.trunk_cache = dict(views=0, dir="", dtype="float16")
   config.sharding = dict(fsdp=1, fsdp_params=("model/.*",), fsdp_min_size=2**16)
   config.compute_dtype = "float32"
   config.grad_cache_chunk = 0

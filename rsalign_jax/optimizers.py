@@ -31,13 +31,14 @@ def make_schedule(config, steps_per_epoch):
   raise ValueError(f"schedule.name={kind!r}: expected 'warmup_step_decay' or 'constant'")
 
 
-def make_optimizer(config, schedule):
+def make_optimizer(config, schedule, frozen=None):
   """optax AdamW (HVSA: decoupled decay scaled by the lr, like torch) or Adam (AMFMN), optional global-norm clip.
 
   `optimizer.frozen` (regexes over '/'-joined parameter paths such as 'model/efficientnet/.*') names parameters
   that never change: neither updates nor weight decay reach them and they get no optimizer state.
   `optimizer.lr_mults` ((regex, factor) pairs, the first match wins) scales the schedule for those parameters, as
   torch's parameter groups do: e.g. a pretrained backbone at 0.1x the lr of freshly initialised heads.
+  frozen: patterns in place of `optimizer.frozen` (heads on cached trunks have no frozen parameters).
   """
   opt = config.optimizer
   if opt.name not in ("adamw", "adam"):
@@ -48,7 +49,7 @@ def make_optimizer(config, schedule):
       return optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
     return optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
 
-  frozen = frozen_patterns(config)
+  frozen = frozen_patterns(config) if frozen is None else tuple(frozen)
   lr_mults = tuple((pattern, float(factor)) for pattern, factor in opt.get("lr_mults", ()))
   if frozen or lr_mults:
     groups = {"train": optimizer(schedule), "frozen": optax.set_to_zero()}

@@ -10,6 +10,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import time
 
 import flax
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from rsalign_jax import gradcache, optimizers
+from rsalign_jax import trunk_cache as trunk_cache_lib
 from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import pipeline, preprocessing, sources
 from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
@@ -44,13 +46,15 @@ class TrainState:
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def build_model(config, vocab_size):
-  """`config.model_name` -> `rsalign_jax.models.<name>.Model(**config.model, vocab_size=..., dtype=compute dtype)`."""
+def build_model(config, vocab_size, **overrides):
+  """`config.model_name` -> `rsalign_jax.models.<name>.Model(**config.model, vocab_size=..., dtype=compute dtype)`,
+  with `overrides` replacing model fields (e.g. `precomputed`)."""
   compute_dtype = config.get("compute_dtype", "float32")
   if compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   module = importlib.import_module(f"rsalign_jax.models.{config.model_name}")
-  return module.Model(**config.model.to_dict(), vocab_size=vocab_size, dtype=jnp.dtype(compute_dtype))
+  kwargs = {**config.model.to_dict(), **overrides}
+  return module.Model(**kwargs, vocab_size=vocab_size, dtype=jnp.dtype(compute_dtype))
 
 
 def build_objective(config):
@@ -91,14 +95,20 @@ def model_inputs(model, batch):
 
 def create_train_state(rng, model, objective, tx, example):
   """Initialises params, BN statistics and optimizer state from an example batch (only its shapes matter)."""
-  model_rng, objective_rng, dropout_rng = jax.random.split(rng, 3)
+  model_rngs, objective_rng = _init_rngs(rng)
   args, fields = model_inputs(model, example)
-  variables = model.init({"params": model_rng, "dropout": dropout_rng}, *args, **fields, train=False)
+  variables = model.init(model_rngs, *args, **fields, train=False)
   outputs = model.apply(variables, *args, **fields, train=False)
   objective_params = objective.init(objective_rng, outputs, example).get("params", {})
   params = {"model": variables["params"], "objective": objective_params}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
                     opt_state=tx.init(params))
+
+
+def _init_rngs(rng):
+  """The model's init rngs and the objective's, from the run's rng."""
+  model_rng, objective_rng, dropout_rng = jax.random.split(rng, 3)
+  return {"params": model_rng, "dropout": dropout_rng}, objective_rng
 
 
 def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, grad_cache_chunk=0, frozen=()):
@@ -141,14 +151,32 @@ def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, gra
   return new_state, metrics
 
 
-def load_pretrained(state, config):
+def load_pretrained(state, config, *, cached_trunks=False):
   """The initial state with the parameters and BatchNorm statistics named in `config.init` replaced by imported
   checkpoints (`rsalign_jax.weights.common.init_params`: each entry has a format, a checkpoint path and the
-  '/'-path of the subtree it fills, e.g. 'params/model/image_tower'). Adam's moments start at zero either way."""
-  if not config.get("init"):
+  '/'-path of the subtree it fills, e.g. 'params/model/image_tower'). Adam's moments start at zero either way.
+  cached_trunks: the state is a model's heads on cached trunk outputs; entries filling subtrees it does not have
+  are the trunks' (`pretrained_model_variables` applied them when the cache was computed)."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  init = dict(config.get("init") or {})
+  if cached_trunks:
+    paths = weights_common.flatten(variables)
+    init = {name: entry for name, entry in init.items()
+            if not entry.get("into") or any(path.startswith(f"{entry['into']}/") for path in paths)}
+  if not init:
     return state
-  variables = weights_common.init_params({"params": state.params, "batch_stats": state.batch_stats}, config.init)
+  variables = weights_common.init_params(variables, init)
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+
+def pretrained_model_variables(model, config, example, rng):
+  """The model's variables with `config.init`'s pretrained weights (what its frozen trunks compute with), initialised
+  from `rng` as `create_train_state` does."""
+  args, fields = model_inputs(model, example)
+  variables = jax.jit(lambda r: model.init(_init_rngs(r)[0], *args, **fields, train=False))(rng)
+  variables = weights_common.init_params({"params": {"model": variables["params"]},
+                                          "batch_stats": variables.get("batch_stats", {})}, config.get("init"))
+  return {"params": variables["params"]["model"], "batch_stats": variables["batch_stats"]}
 
 
 def model_variables(state):
@@ -214,11 +242,35 @@ class Setup:
   abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
   state_sharding: TrainState
   retrieval: "_Retrieval"
+  frozen: tuple[str, ...]  # the optimizer's frozen patterns (none on heads over cached trunks)
+  trunk_cache: trunk_cache_lib.TrunkCache | None = None  # frozen trunks' outputs, when the model reads those
+
+  def open_split(self, split, source=None):
+    """`split`'s records with `image` as the model reads it: encoded pixels, or cached image-trunk outputs."""
+    source = source or sources.open_split(self.config.dataset, split)
+    return self.trunk_cache.images(split, source) if self.trunk_cache else source
+
+  def text_encoder(self, split, captions):
+    """What turns `split`'s captions into the model's text inputs: the tokenizer, or the cached text-trunk
+    outputs (`split=None`: free text, computed on demand)."""
+    return self.trunk_cache.texts(split, captions) if self.trunk_cache else self.vocab
+
+  @property
+  def pp_train(self):
+    return trunk_cache_lib.TRAIN_PP if self._cached("image") else self.config.input.pp_train
+
+  @property
+  def pp_eval(self):
+    return trunk_cache_lib.EVAL_PP if self._cached("image") else self.config.input.pp_eval
+
+  def _cached(self, tower):
+    return self.trunk_cache is not None and tower in self.trunk_cache.towers
 
   def make_evaluator(self, split):
     config = self.config
+    source = self.open_split(split)
     return evaluator_lib.RetrievalEvaluator(
-        sources.open_split(config.dataset, split), self.vocab, pp_spec=config.input.pp_eval,
+        source, self.text_encoder(split, sources.CaptionIndex.read(source).captions), pp_spec=self.pp_eval,
         max_len=config.text.max_len, batch_size=config.eval_batch_size, mesh=self.mesh,
         image_fields=tuple(getattr(self.model, "IMAGE_FIELDS", ())),
         text_fields=tuple(getattr(self.model, "TEXT_FIELDS", ())))
@@ -241,18 +293,16 @@ def build_setup(config, workdir, mesh):
   model = build_model(config, vocab.size)
   objective = build_objective(config)
   schedule = optimizers.make_schedule(config, steps_per_epoch)
-  tx = optimizers.make_optimizer(config, schedule)
-  example_image = preprocessing.parse(config.input.pp_eval)(train_source[0]["image"], np.random.default_rng(0))
-  init_rows = 16  # shapes only; enough rows for strided sub-batches inside objectives
-  example = {"image": jnp.zeros((init_rows,) + example_image.shape, jnp.float32),
-             "tokens": jnp.ones((init_rows, config.text.max_len), jnp.int32),
-             "lengths": jnp.full((init_rows,), config.text.max_len, jnp.int32),
-             "image_id": jnp.arange(init_rows, dtype=jnp.int32)}
-  tokens, _, _ = vocab.encode_batch(train_index.captions[:1] * 5, config.text.max_len)
-  batch_fields = set(config.input.get("fields", ())) | set(model_fields(model))
-  for name in sorted(batch_fields):
-    value = np.asarray(fields_lib.get(name)(train_source[0], tokens))
-    example[name] = jnp.zeros((init_rows,) + value.shape, value.dtype)
+  example = _example_batch(config, train_source, train_index, vocab, model)
+  frozen, cache = optimizers.frozen_patterns(config), None
+  if trunk_cache_lib.enabled(config):
+    full_model, full_example = model, example
+    model = build_model(config, vocab.size, precomputed=trunk_cache_lib.cached_towers(config))
+    cache = trunk_cache_lib.TrunkCache(config, full_model, lambda: pretrained_model_variables(
+        full_model, config, full_example, jax.random.key(config.seed)), vocab)
+    example = {**example, **_trunk_example(full_model, full_example, cache.towers)}
+    frozen = ()  # optimizer.frozen froze the trunks; the heads are all trained (checked below)
+  tx = optimizers.make_optimizer(config, schedule, frozen=frozen)
   if config.get("grad_cache_chunk"):
     _check_per_example_outputs(model, example)
   init_fn = functools.partial(create_train_state, model=model, objective=objective, tx=tx, example=example)
@@ -261,8 +311,51 @@ def build_setup(config, workdir, mesh):
                                                 min_size=config.sharding.fsdp_min_size)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
+  if cache is not None:
+    _check_heads_trained(abstract_state.params, optimizers.frozen_patterns(config))
   return Setup(config, mesh, train_source, train_index, vocab, model, objective, schedule, tx, steps_per_epoch,
-               init_fn, abstract_state, state_sharding, _Retrieval(model, mesh))
+               init_fn, abstract_state, state_sharding, _Retrieval(model, mesh), frozen, cache)
+
+
+def _check_heads_trained(params, patterns):
+  """With cached trunks, `optimizer.frozen` may only name trunk parameters (which the heads model does not have)."""
+  names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  frozen_heads = sorted(name for name in names if any(re.fullmatch(p, name) for p in patterns))
+  if frozen_heads:
+    raise ValueError(f"trunk_cache.views > 0 trains every head parameter, but optimizer.frozen matches "
+                     f"{frozen_heads[:5]}; freeze whole towers (model.frozen) or set trunk_cache.views=0")
+
+
+def _trunk_example(full_model, example, towers):
+  """Zero inputs shaped like a batch of the trunk outputs of `towers` ('image' and/or 'text'), for the heads."""
+  args, fields = model_inputs(full_model, example)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+  variables = jax.eval_shape(lambda: full_model.init(rngs, *args, **fields, train=False))
+  trunk_example = {}
+  if "image" in towers:
+    out = jax.eval_shape(lambda v: full_model.apply(v, example["image"], method="image_trunk"), variables)
+    trunk_example["image"] = jnp.zeros(out.shape, jnp.float32)
+  if "text" in towers:
+    out = jax.eval_shape(lambda v: full_model.apply(v, example["tokens"], example["lengths"], method="text_trunk"),
+                         variables)
+    trunk_example.update(tokens=jnp.zeros(out.shape, jnp.float32), lengths=jnp.ones(out.shape[:1], jnp.int32))
+  return trunk_example
+
+
+def _example_batch(config, train_source, train_index, vocab, model, rows=16):
+  """Zero inputs shaped like a train batch, for initialisation (shapes only; enough rows for strided sub-batches
+  inside objectives)."""
+  example_image = preprocessing.parse(config.input.pp_eval)(train_source[0]["image"], np.random.default_rng(0))
+  example = {"image": jnp.zeros((rows,) + example_image.shape, jnp.float32),
+             "tokens": jnp.ones((rows, config.text.max_len), jnp.int32),
+             "lengths": jnp.full((rows,), config.text.max_len, jnp.int32),
+             "image_id": jnp.arange(rows, dtype=jnp.int32)}
+  tokens, _, _ = vocab.encode_batch(train_index.captions[:1] * 5, config.text.max_len)
+  for name in sorted(set(config.input.get("fields", ())) | set(model_fields(model))):
+    value = np.asarray(fields_lib.get(name)(train_source[0], tokens))
+    example[name] = jnp.zeros((rows,) + value.shape, value.dtype)
+  return example
 
 
 def _check_per_example_outputs(model, example):
@@ -301,8 +394,14 @@ def _train_and_evaluate(config, workdir, mesh):
   tokens, lengths, truncated = vocab.encode_batch(train_index.captions, config.text.max_len)
   log("train: %d images, %d captions; vocabulary of %d tokens; %d captions truncated to %d tokens",
       train_index.num_images, len(train_index.captions), vocab.size - 1, truncated, config.text.max_len)
+  if setup.trunk_cache:
+    log("training on cached outputs of the frozen %s trunk(s) (trunk_cache.views=%d; input.pp_train unused)",
+        "+".join(setup.trunk_cache.towers), config.trunk_cache.views)
+    tokens, lengths, _ = setup.text_encoder(config.dataset.train_split, train_index.captions).encode_batch(
+        train_index.captions, config.text.max_len)
   items = pipeline.TrainItems(
-      setup.train_source, train_index, tokens, lengths, sampling=config.input.sampling,
+      setup.open_split(config.dataset.train_split, setup.train_source), train_index, tokens, lengths,
+      sampling=config.input.sampling,
       global_batch_size=config.input.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed, name=config.dataset.name, fields=setup.batch_fields())
   steps_per_epoch = setup.steps_per_epoch
@@ -317,13 +416,13 @@ def _train_and_evaluate(config, workdir, mesh):
   step_fn = jax.jit(
       functools.partial(train_step, model=model, objective=setup.objective, tx=setup.tx, schedule=setup.schedule,
                         dropout_key=jax.random.fold_in(rng, 1), grad_cache_chunk=config.grad_cache_chunk,
-                        frozen=optimizers.frozen_patterns(config)),
+                        frozen=setup.frozen),
       out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
       donate_argnums=(0,) if jax.devices()[0].platform != "cpu" else ())
 
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   best_checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "best"), keep=1)
-  loader_iterator = iter(pipeline.make_train_loader(items, pp_spec=config.input.pp_train, seed=config.seed,
+  loader_iterator = iter(pipeline.make_train_loader(items, pp_spec=setup.pp_train, seed=config.seed,
                                                     worker_count=config.input.worker_count))
   meta = {"best_val_rsum": -1.0, "best_step": None, "random_init_test": None}
   if checkpointer.latest_step() is not None:
@@ -332,7 +431,8 @@ def _train_and_evaluate(config, workdir, mesh):
     writer.truncate_after(int(state.step))
     log("resumed from %s at step %d", workdir, int(state.step))
   else:
-    state = load_pretrained(jax.jit(setup.init_fn, out_shardings=state_sharding)(rng), config)
+    state = load_pretrained(jax.jit(setup.init_fn, out_shardings=state_sharding)(rng), config,
+                            cached_trunks=setup.trunk_cache is not None)
     if config.eval_random_init:
       meta["random_init_test"] = retrieval.evaluate(test_evaluator, state)
       log("random-init test: %s", _summary(meta["random_init_test"]))

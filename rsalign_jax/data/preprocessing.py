@@ -105,6 +105,22 @@ def get_random_rot90():
   return op
 
 
+def get_random_view():
+  """One of an array's leading-axis views, uniformly: cached trunk outputs (V, ...) of V augmented views
+  (`rsalign_jax.trunk_cache`), as float32."""
+  def op(views, rng):
+    return np.asarray(views[rng.integers(len(views))], np.float32)
+  return op
+
+
+def get_view(k=0):
+  """View k of cached trunk outputs (V, ...) as float32 (k=0: the plain, un-augmented view)."""
+  def op(views, rng):
+    del rng
+    return np.asarray(views[k], np.float32)
+  return op
+
+
 def get_normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """uint8 [0, 255] -> float32 (x / 255 - mean) / std, ImageNet statistics by default."""
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)

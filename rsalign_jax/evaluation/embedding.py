@@ -21,9 +21,11 @@ KINDS = ("images", "texts", "image_codes", "text_codes")
 
 @dataclasses.dataclass
 class SplitData:
-  """A dataset split's records, captions (flattened, see `sources.CaptionIndex`) and the towers' per-image fields."""
+  """A dataset split's records, captions (flattened, see `sources.CaptionIndex`) and the towers' per-image fields.
+  `inputs` is `source` as the model reads it (`Setup.open_split`: cached trunk outputs in place of pixels)."""
   name: str
   source: object
+  inputs: object
   index: sources.CaptionIndex
   tokens: np.ndarray
   lengths: np.ndarray
@@ -41,11 +43,11 @@ def open_split(setup, split):
   config = setup.config
   source = sources.open_split(config.dataset, split)
   index = sources.CaptionIndex.read(source)
-  tokens, lengths, _ = setup.vocab.encode_batch(index.captions, config.text.max_len)
+  tokens, lengths, _ = setup.text_encoder(split, index.captions).encode_batch(index.captions, config.text.max_len)
   image_names, text_names = _field_names(setup.model)
   values = fields_lib.read(source, index, tokens, sorted(set(image_names) | set(text_names)))
-  return SplitData(split, source, index, tokens, lengths, {n: values[n] for n in image_names},
-                   {n: values[n][index.record] for n in text_names})
+  return SplitData(split, source, setup.open_split(split, source), index, tokens, lengths,
+                   {n: values[n] for n in image_names}, {n: values[n][index.record] for n in text_names})
 
 
 def _field_names(model):
@@ -56,14 +58,15 @@ def encode_queries(setup, queries):
   """Free-text queries -> (tokens, lengths); an empty query, or one without a word the vocabulary knows, is an
   error."""
   vocab = setup.vocab
-  tokens, lengths, _ = vocab.encode_batch(list(queries), setup.config.text.max_len)
+  ids, lengths, _ = vocab.encode_batch(list(queries), setup.config.text.max_len)
   word2idx = getattr(vocab, "word2idx", None)  # word vocabularies; WordPiece splits any word into known pieces
-  for query, row, length in zip(queries, tokens, lengths):
+  for query, row, length in zip(queries, ids, lengths):
     if not query.strip():
       raise ValueError("--query: empty query; expected a sentence such as 'many planes are parked near a runway'")
     if word2idx is not None and set(row[:length].tolist()) <= {word2idx["<unk>"]}:
       raise ValueError(f"--query={query!r}: none of its words is in the model's vocabulary of {vocab.size - 2} "
                        "words (from the training captions); describe the scene with other words")
+  tokens, lengths, _ = setup.text_encoder(None, queries).encode_batch(list(queries), setup.config.text.max_len)
   return tokens, lengths
 
 
@@ -77,7 +80,8 @@ def free_text_fields(setup):
 
 
 def read_image_files(setup, paths):
-  """Image files -> (N, H, W, 3) float32 with the config's eval preprocessing."""
+  """Image files -> model image inputs: (N, H, W, 3) float32 with the config's eval preprocessing (then the image
+  trunk's outputs, when the model reads cached ones)."""
   image_names, _ = _field_names(setup.model)
   if image_names:
     raise ValueError(f"model {setup.config.model_name!r}: its image tower needs the per-image fields "
@@ -92,7 +96,10 @@ def read_image_files(setup, paths):
       raise FileNotFoundError(f"--image={path}: no such file") from None
     except PIL.UnidentifiedImageError:
       raise ValueError(f"--image={path}: not an image file PIL can read (PNG, JPEG, TIFF, ...)") from None
-  return np.stack(images)
+  images = np.stack(images)
+  if setup.trunk_cache is not None and "image" in setup.trunk_cache.towers:
+    return setup.trunk_cache.image_outputs(images)
+  return images
 
 
 def batch_size(setup):
@@ -102,12 +109,12 @@ def batch_size(setup):
 
 def image_batches(setup, data):
   """(images, fields) batches of a split's images with the eval preprocessing."""
-  pp = preprocessing.parse(setup.config.input.pp_eval)
+  pp = preprocessing.parse(setup.pp_eval)
   rng = np.random.default_rng(0)  # eval preprocessing is deterministic; ops take an rng for uniformity
   size, total = batch_size(setup), data.index.num_images
   for start in range(0, total, size):
     stop = min(start + size, total)
-    images = np.stack([pp(data.source[i]["image"], rng) for i in range(start, stop)])
+    images = np.stack([pp(data.inputs[i]["image"], rng) for i in range(start, stop)])
     yield images, {name: value[start:stop] for name, value in data.image_fields.items()}
 
 

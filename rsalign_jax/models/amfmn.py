@@ -161,6 +161,7 @@ class CrossAttention(nn.Module):
 
 class Model(towers.SwappableTowers, nn.Module):
   """AMFMN's towers and its image-conditioned score (module docstring)."""
+  IMAGE_MAPS = ("f1", "f2", "f3", "f4")
   vocab_size: int
   embed_dim: int = 512
   resnet_depth: int = 18
@@ -175,6 +176,7 @@ class Model(towers.SwappableTowers, nn.Module):
   text_encoder: str = "gru"
   bert_config: Mapping[str, Any] | None = None
   frozen: tuple[str, ...] = ()
+  precomputed: tuple[str, ...] = ()
   dtype: Any = jnp.float32
 
   def setup(self):

@@ -9,6 +9,8 @@ pooled 1280-d head feature). Text towers (`text_tower`, kwargs in `text`):
 float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does. Towers named in `frozen`
 ('image', 'text') run in inference mode under `stop_gradient` (the optimizer's `frozen` patterns keep their
 parameters fixed), e.g. the linear-probe floor: pretrained towers frozen, only the projections trained.
+`image_trunk` / `text_trunk` are those towers' pooled features; a tower named in `precomputed` reads them as its
+input instead of images / token ids (frozen trunks computed once, `rsalign_jax.trunk_cache`).
 
 Parameter names: `image_encoder`, `text_encoder`, `image_projection/kernel` (OpenCLIP `visual.proj`),
 `text_projection/kernel` (OpenCLIP `text_projection`), so rsalign_jax.weights.clip maps CLIP checkpoints one to one.
@@ -39,6 +41,7 @@ class Model(nn.Module):
   text: Mapping[str, Any] | None = None
   text_pool: str = "last"
   frozen: tuple[str, ...] = ()
+  precomputed: tuple[str, ...] = ()
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -46,6 +49,7 @@ class Model(nn.Module):
     object.__setattr__(self, "image", flax.core.FrozenDict(self.image or {}))
     object.__setattr__(self, "text", flax.core.FrozenDict(self.text or {}))
     object.__setattr__(self, "frozen", tuple(self.frozen))
+    object.__setattr__(self, "precomputed", tuple(self.precomputed))
     super().__post_init__()
 
   def setup(self):
@@ -58,6 +62,9 @@ class Model(nn.Module):
                        f"{TEXT_POOLS[self.text_tower]}")
     if set(self.frozen) - {"image", "text"}:
       raise ValueError(f"model.frozen={self.frozen!r}: expected towers among ('image', 'text')")
+    if set(self.precomputed) - set(self.frozen):
+      raise ValueError(f"model.precomputed={self.precomputed!r}: only frozen towers {self.frozen!r} can be "
+                       "precomputed (a trained tower's output changes every step)")
     image, text = dict(self.image or {}), dict(self.text or {})
     if self.image_tower == "vit":
       self.image_encoder = vit.ViT(**image, dtype=self.dtype)
@@ -74,19 +81,18 @@ class Model(nn.Module):
     self.text_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                                     kernel_init=nn.initializers.xavier_uniform())
 
-  def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
-    """(B, H, W, 3) normalised images -> (B, embed_dim) float32."""
+  def image_trunk(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """(B, H, W, 3) normalised images -> (B, features) pooled tower output, before the projection."""
     frozen = "image" in self.frozen
     features = self.image_encoder(images, train=train and not frozen)
     if self.image_tower == "resnet":
       features = features["f4"].mean(axis=(1, 2))
     elif self.image_tower == "efficientnet":
       features = features["pooled"]
-    features = jax.lax.stop_gradient(features) if frozen else features
-    return self.image_projection(features.astype(self.dtype)).astype(jnp.float32)
+    return jax.lax.stop_gradient(features) if frozen else features
 
-  def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
-    """(B, T) token ids and (B,) lengths -> (B, embed_dim) float32."""
+  def text_trunk(self, tokens: jax.Array, lengths: jax.Array, *, train: bool = False) -> jax.Array:
+    """(B, T) token ids and (B,) lengths -> (B, features) pooled tower output, before the projection."""
     frozen = "text" in self.frozen
     train = train and not frozen
     if self.text_tower == "transformer":
@@ -95,7 +101,16 @@ class Model(nn.Module):
     else:
       hidden = self.text_encoder(tokens, lengths, train=train)
       pooled = bert.mean_pool(hidden, lengths) if self.text_pool == "mean" else bert.cls_pool(hidden)
-    pooled = jax.lax.stop_gradient(pooled) if frozen else pooled
+    return jax.lax.stop_gradient(pooled) if frozen else pooled
+
+  def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
+    """(B, H, W, 3) normalised images (or `image_trunk` outputs if precomputed) -> (B, embed_dim) float32."""
+    features = images if "image" in self.precomputed else self.image_trunk(images, train=train)
+    return self.image_projection(features.astype(self.dtype)).astype(jnp.float32)
+
+  def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
+    """(B, T) token ids and (B,) lengths (or `text_trunk` outputs if precomputed) -> (B, embed_dim) float32."""
+    pooled = tokens if "text" in self.precomputed else self.text_trunk(tokens, lengths, train=train)
     return self.text_projection(pooled.astype(self.dtype)).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, lengths: jax.Array, *,

@@ -43,6 +43,7 @@ class Model(towers.SwappableTowers, nn.Module):
   text_encoder: str = "gru"
   bert_config: Mapping[str, Any] | None = None
   frozen: tuple[str, ...] = ()
+  precomputed: tuple[str, ...] = ()
   dtype: Any = jnp.float32
 
   def setup(self):

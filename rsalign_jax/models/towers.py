@@ -5,7 +5,9 @@ offline, so the models also take a pretrained EfficientNet-Lite trunk (`image_ba
 models/efficientnet_lite.py; its weights expect images scaled as (x - 127) / 128) and a BERT/MiniLM sentence
 encoder (`text_encoder='bert'`, models/bert.py, mean pooled like sentence-transformers). A tower named in `frozen`
 ('image', 'text') runs in inference mode (BatchNorm running statistics, no dropout) under `stop_gradient`; the
-optimizer must also leave its parameters alone (`optimizer.frozen`, see rsalign_jax.optimizers).
+optimizer must also leave its parameters alone (`optimizer.frozen`, see rsalign_jax.optimizers). `image_trunk`
+(the last map 'f4') and `text_trunk` (the sentence feature) are what the heads read; a frozen tower named in
+`precomputed` takes those outputs as its input instead of images / token ids (`rsalign_jax.trunk_cache`).
 
 Submodule names follow the trunk, so importers fill them directly: `resnet`, `efficientnet`, `skipthoughts`, `bert`.
 """
@@ -21,12 +23,16 @@ FROZEN_TOWERS = ("image", "text")
 
 class SwappableTowers:
   """Mixin for a linen Model with fields image_backbone, resnet_depth, resnet_width, text_encoder, word_dim,
-  hidden_dim, text_dropout, bert_config (BERT kwargs), frozen, vocab_size and dtype. Call `setup_towers()` in `setup`."""
+  hidden_dim, text_dropout, bert_config (BERT kwargs), frozen, precomputed, vocab_size and dtype. Call
+  `setup_towers()` in `setup`. A model whose heads read more than 'f4' sets IMAGE_MAPS (its image tower then cannot
+  be precomputed)."""
+  IMAGE_MAPS = ("f4",)
 
   def __post_init__(self):
     # BERT kwargs arrive as a dict (config.model.to_dict()); frozen, the module stays hashable for jit's cache.
     object.__setattr__(self, "bert_config", flax.core.FrozenDict(self.bert_config or {}))
     object.__setattr__(self, "frozen", tuple(self.frozen))
+    object.__setattr__(self, "precomputed", tuple(self.precomputed))
     super().__post_init__()
 
   def setup_towers(self):
@@ -37,6 +43,12 @@ class SwappableTowers:
     unknown = set(self.frozen) - set(FROZEN_TOWERS)
     if unknown:
       raise ValueError(f"model.frozen={tuple(self.frozen)!r}: {sorted(unknown)} not in {FROZEN_TOWERS}")
+    if set(self.precomputed) - set(self.frozen):
+      raise ValueError(f"model.precomputed={self.precomputed!r}: only frozen towers {self.frozen!r} can be "
+                       "precomputed (a trained tower's output changes every step)")
+    if "image" in self.precomputed and self.IMAGE_MAPS != ("f4",):
+      raise ValueError(f"model.precomputed={self.precomputed!r}: {type(self).__module__}'s heads read the image "
+                       f"maps {self.IMAGE_MAPS}, the image trunk cache holds only 'f4'; precompute the text tower only")
     if self.image_backbone == "resnet":
       self.resnet = resnet.ResNet(self.resnet_depth, self.resnet_width, self.dtype)
     else:
@@ -59,15 +71,27 @@ class SwappableTowers:
   def sentence_dim(self) -> int:
     return self.hidden_dim if self.text_encoder == "gru" else self.bert_config.get("hidden", bert.Bert.hidden)
 
+  def image_trunk(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """The backbone's last map 'f4' (what `image_features` returns when the image tower is precomputed)."""
+    return self.image_features(images, train=train)["f4"]
+
+  def text_trunk(self, tokens: jax.Array, lengths: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.sentence_features(tokens, lengths, train=train)
+
   def image_features(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    """The backbone's maps {'f1'..'f4'} at strides 4, 8, 16, 32."""
+    """The backbone's maps {'f1'..'f4'} at strides 4, 8, 16, 32 ({'f4': images} when precomputed)."""
+    if "image" in self.precomputed:
+      return {"f4": images}
     frozen = "image" in self.frozen
     trunk = self.resnet if self.image_backbone == "resnet" else self.efficientnet
     maps = {k: v for k, v in trunk(images, train=train and not frozen).items() if k != "pooled"}
     return jax.lax.stop_gradient(maps) if frozen else maps
 
   def sentence_features(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
-    """(B, sentence_dim): the GRU state at the last real token, or BERT's mean-pooled last layer (float32)."""
+    """(B, sentence_dim): the GRU state at the last real token, or BERT's mean-pooled last layer (float32); the
+    input itself when precomputed."""
+    if "text" in self.precomputed:
+      return tokens
     frozen = "text" in self.frozen
     train = train and not frozen
     if self.text_encoder == "gru":

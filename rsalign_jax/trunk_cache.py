@@ -1,0 +1,212 @@
+"""Frozen trunks computed once: train and evaluate a model's heads on cached trunk outputs.
+
+A frozen tower (`model.frozen`) is a fixed function of its input, so recomputing it every step repeats the same
+work: on a CPU it is most of each step (Lite0 + MiniLM forward passes are ~2 s of the floor's 2.1 s step). With
+`config.trunk_cache.views = V > 0` the trainer runs each frozen trunk once (the model's `image_trunk` /
+`text_trunk` methods) over every image and every distinct caption of the train, val and test splits, and rebuilds
+the model with `precomputed=<the frozen towers>`, whose towers read those outputs instead of pixels and token ids.
+
+Images: the eval preprocessing (`input.pp_eval`), then for the training split V dihedral views (rotations by 0, 90,
+180, 270 degrees, then their mirror images; aerial scenes have no canonical orientation), of which each training
+step draws one at random; val and test keep the plain view. So `input.pp_train` is not used: the V views are the
+augmentation. Captions: one output per distinct string (identical captions tie exactly, as the evaluator wants).
+
+Files: `{trunk_cache.dir}/{tower}-{fingerprint}/{split}.npz` in `trunk_cache.dtype` (float16 by default: half the
+memory; float32 reproduces the uncached run to rounding), where the fingerprint hashes everything that determines
+the outputs (model config, pretrained checkpoints, preprocessing, views, dataset, dtype), so seeds share one cache
+and any change recomputes it. `dir` defaults to `trunk_cache` beside the dataset's tfds build.
+"""
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rsalign_jax.data import preprocessing, sources
+from rsalign_jax.runtime import metric_writer
+
+log = metric_writer.log
+TOWERS = ("image", "text")
+MAX_VIEWS = 8
+TRAIN_PP, EVAL_PP = "random_view", "view(0)"  # the preprocessing of cached image inputs
+
+
+def enabled(config) -> bool:
+  return bool(config.get("trunk_cache") and config.trunk_cache.get("views"))
+
+
+def cached_towers(config) -> tuple[str, ...]:
+  """The towers whose trunk outputs are cached: the frozen ones (an error if none is, or views is out of range)."""
+  views = config.trunk_cache.views
+  if not 1 <= views <= MAX_VIEWS:
+    raise ValueError(f"trunk_cache.views={views}: expected 1..{MAX_VIEWS} dihedral views (0 turns caching off)")
+  frozen = tuple(t for t in TOWERS if t in config.model.get("frozen", ()))
+  if not frozen:
+    raise ValueError("trunk_cache.views > 0 caches frozen towers' outputs, but model.frozen names none; freeze "
+                     "the image and/or text tower (e.g. frozen=image+text) or set trunk_cache.views=0")
+  return frozen
+
+
+def dihedral_view(image: np.ndarray, k: int) -> np.ndarray:
+  """View k of an HWC image: rotation by 90k degrees (k < 4), then mirrored left-right for k >= 4."""
+  rotated = np.rot90(image, k % 4)
+  return np.ascontiguousarray(rotated[:, ::-1] if k >= 4 else rotated)
+
+
+def fingerprint(config, tower: str) -> str:
+  """A short hash of everything that determines the tower's cached trunk outputs (any seed, any split)."""
+  init = {name: dict(entry) for name, entry in dict(config.get("init") or {}).items()}
+  image = tower == "image"
+  keys = dict(model_name=config.model_name, model=config.model.to_dict(), init=init,
+              compute_dtype=config.get("compute_dtype", "float32"), dataset=config.dataset.to_dict(),
+              dtype=config.trunk_cache.get("dtype", "float16"), pp_eval=config.input.pp_eval if image else None,
+              views=config.trunk_cache.views if image else None, text=None if image else config.text.to_dict())
+  return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class CachedImages:
+  """A split's records with `image` replaced by the image trunk's outputs (V, ...) of that record."""
+
+  def __init__(self, source, outputs: np.ndarray):
+    if len(outputs) != len(source):
+      raise ValueError(f"trunk cache holds {len(outputs)} images but the split has {len(source)}; delete the "
+                       "cache directory to recompute it")
+    self._source, self._outputs = source, outputs
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, position):
+    return {**self._source[position], "image": self._outputs[position]}
+
+
+class CachedTexts:
+  """Tokenizer stand-in: `encode_batch` returns each caption's cached text-trunk output in place of token ids.
+
+  Strings missing from the cache (free-text search queries) go through the trunk on demand (`compute`)."""
+
+  def __init__(self, vocab, captions, outputs, compute):
+    self._vocab, self._compute = vocab, compute
+    self._rows = {caption: row for row, caption in enumerate(captions)}
+    self._outputs = outputs
+
+  @property
+  def size(self):
+    return self._vocab.size
+
+  def encode_batch(self, captions, max_len):
+    """(outputs (N, ...), lengths (N,) of ones, 0 truncated): the trunk already read the whole caption."""
+    captions = list(captions)
+    missing = sorted({c for c in captions if c not in self._rows})
+    if missing:
+      extra = self._compute(missing, max_len)
+      self._rows.update({c: len(self._outputs) + i for i, c in enumerate(missing)})
+      self._outputs = np.concatenate([self._outputs, extra]) if len(self._outputs) else extra
+    rows = np.asarray([self._rows[c] for c in captions], np.int64)
+    return self._outputs[rows], np.ones((len(rows),), np.int32), 0
+
+
+class TrunkCache:
+  """Loads or computes the cached trunk outputs of a config's frozen towers, split by split."""
+
+  def __init__(self, config, full_model, trunk_variables_fn, vocab):
+    """full_model: the model with its trunks (`precomputed=()`); trunk_variables_fn: () -> its variables with the
+    pretrained trunks (called only when something must be computed); vocab: the real tokenizer."""
+    if jax.process_count() > 1:
+      raise ValueError("trunk_cache.views > 0 runs in one process (the cache is computed and read locally); "
+                       "set trunk_cache.views=0 for multi-process training")
+    self.towers = cached_towers(config)
+    lacking = [f"{t}_trunk" for t in self.towers if not hasattr(full_model, f"{t}_trunk")]
+    if lacking:
+      raise ValueError(f"trunk_cache.views > 0: model {config.model_name!r} has no {' / '.join(lacking)} method "
+                       "(models/dual_encoder.py, hvsa.py and amfmn.py have them); set trunk_cache.views=0")
+    self._config, self._model, self._variables_fn, self._vocab = config, full_model, trunk_variables_fn, vocab
+    self._variables = None
+    self._views = config.trunk_cache.views
+    self._dtype = np.dtype(config.trunk_cache.get("dtype", "float16"))
+    if self._dtype not in (np.float16, np.float32):
+      raise ValueError(f"trunk_cache.dtype={config.trunk_cache.dtype!r}: expected 'float16' or 'float32'")
+    data_dir = config.dataset.get("data_dir") or sources.default_data_dir()
+    self._dir = os.path.expanduser(config.trunk_cache.get("dir") or os.path.join(data_dir, "trunk_cache"))
+    self._image_fn = jax.jit(lambda v, images: full_model.apply(v, images, method="image_trunk"))
+    self._text_fn = jax.jit(lambda v, tokens, lengths: full_model.apply(v, tokens, lengths, method="text_trunk"))
+
+  def variables(self):
+    if self._variables is None:
+      self._variables = self._variables_fn()
+    return self._variables
+
+  def images(self, split: str, source):
+    """`source` with each record's image replaced by its trunk outputs: (V, ...) on the training split, (1, ...)
+    elsewhere."""
+    if "image" not in self.towers:
+      return source
+    views = self._views if split == self._config.dataset.train_split else 1
+    path = self._path("image", split)
+    if not os.path.exists(path):
+      self._save(path, outputs=self._compute_images(source, views))
+    return CachedImages(source, np.load(path)["outputs"])
+
+  def texts(self, split: str | None, captions):
+    """A tokenizer stand-in holding the text trunk's output of every distinct caption of `split` (None: an empty
+    one for free text, computed on demand)."""
+    if "text" not in self.towers:
+      return self._vocab
+    if split is None:
+      return CachedTexts(self._vocab, [], np.zeros((0,), self._dtype), self._compute_texts)
+    path = self._path("text", split)
+    if not os.path.exists(path):
+      distinct = sorted(set(captions))
+      self._save(path, outputs=self._compute_texts(distinct, self._config.text.max_len),
+                 captions=np.asarray(distinct, dtype=object))
+    with np.load(path, allow_pickle=True) as cached:
+      return CachedTexts(self._vocab, cached["captions"].tolist(), cached["outputs"], self._compute_texts)
+
+  def image_outputs(self, images: np.ndarray) -> np.ndarray:
+    """Eval-preprocessed images (N, H, W, 3) -> their image-trunk outputs (N, ...) float32 (e.g. search queries)."""
+    rows = self._config.eval_batch_size
+    outputs = [np.asarray(self._image_fn(self.variables(), _pad(images[s:s + rows], rows)))[:len(images[s:s + rows])]
+               for s in range(0, len(images), rows)]
+    return np.concatenate(outputs).astype(np.float32)
+
+  def _path(self, tower, split):
+    return os.path.join(self._dir, f"{tower}-{fingerprint(self._config, tower)}", f"{split}.npz")
+
+  def _save(self, path, **arrays):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.partial.npz"
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+    log("trunk cache: wrote %s (%s)", path, ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
+
+  def _compute_images(self, source, views):
+    pp = preprocessing.parse(self._config.input.pp_eval)
+    rows = max(1, self._config.eval_batch_size // views)
+    outputs = []
+    for start in range(0, len(source), rows):
+      rng = np.random.default_rng(0)  # eval preprocessing is deterministic
+      images = [pp(source[i]["image"], rng) for i in range(start, min(start + rows, len(source)))]
+      batch = np.stack([dihedral_view(image, k) for image in images for k in range(views)])
+      out = np.asarray(self._image_fn(self.variables(), _pad(batch, rows * views)))[:len(batch)]
+      outputs.append(out.reshape((len(images), views) + out.shape[1:]).astype(self._dtype))
+      if start // rows % 10 == 0:
+        log("trunk cache: images %d/%d (%d views)", start + len(images), len(source), views)
+    return np.concatenate(outputs)
+
+  def _compute_texts(self, captions, max_len):
+    tokens, lengths, _ = self._vocab.encode_batch(captions, max_len)
+    rows = self._config.eval_batch_size
+    outputs = [np.asarray(self._text_fn(self.variables(), _pad(tokens[s:s + rows], rows),
+                                        _pad(lengths[s:s + rows], rows, fill=1)))[:len(tokens[s:s + rows])]
+               for s in range(0, len(tokens), rows)]
+    return np.concatenate(outputs).astype(self._dtype)
+
+
+def _pad(array, rows, fill=0):
+  """Pads to a fixed number of rows, so every batch reuses one compiled function."""
+  if len(array) == rows:
+    return array
+  return np.concatenate([array, np.full((rows - len(array),) + array.shape[1:], fill, array.dtype)])
+

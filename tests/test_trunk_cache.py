@@ -1,0 +1,160 @@
+"""Frozen trunks computed once (`rsalign_jax.trunk_cache`): training and evaluating heads on cached trunk outputs
+is the same optimisation as recomputing the frozen towers every step, and the cache is reused, keyed and checked."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import runlocal_config
+from rsalign_jax import train, trunk_cache
+from rsalign_jax.models import amfmn, dual_encoder, hvsa
+from rsalign_jax.runtime import sharding as sharding_lib
+
+NO_AUGMENTATION = "decode|resize(32)|normalize"  # the eval preprocessing: the uncached run sees the cached inputs
+
+
+def frozen_clip_config(tmp_path_factory, **overrides):
+  return runlocal_config(tmp_path_factory, "clip", "runlocal,frozen=image+text", eval_random_init=False,
+                         gallery_queries=0, **{"input.pp_train": NO_AUGMENTATION, **overrides})
+
+
+def train_losses(workdir):
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return np.array([row["train/loss"] for row in rows if "train/loss" in row])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The same frozen-tower CLIP run, recomputing the towers and on a float32 trunk cache (one plain view)."""
+  cache_dir = tmp_path_factory.mktemp("trunk_cache")
+  results = {}
+  for name, views in (("uncached", 0), ("cached", 1)):
+    config = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": views, "trunk_cache.dtype": "float32",
+                                                     "trunk_cache.dir": str(cache_dir)})
+    workdir = tmp_path_factory.mktemp(name)
+    results[name] = (config, workdir, train.train_and_evaluate(config, str(workdir)))
+  return cache_dir, results
+
+
+def test_cached_trunks_train_and_evaluate_like_recomputed_ones(runs):
+  _, results = runs
+  (_, uncached_dir, uncached), (_, cached_dir, cached) = results["uncached"], results["cached"]
+  np.testing.assert_allclose(train_losses(cached_dir), train_losses(uncached_dir), rtol=1e-5)
+  assert len(train_losses(cached_dir)) == 4
+  assert cached["best_step"] == uncached["best_step"] == 4
+  for split in ("test", "best_val"):
+    for key, value in uncached[split].items():
+      assert cached[split][key] == pytest.approx(value, abs=1e-4), (split, key)
+
+
+def test_cache_files_one_per_tower_and_split_and_reused(runs, tmp_path_factory, caplog):
+  cache_dir, results = runs
+  config = results["cached"][0]
+  folders = sorted(p.name for p in cache_dir.iterdir())
+  assert folders == sorted([f"image-{trunk_cache.fingerprint(config, 'image')}",
+                            f"text-{trunk_cache.fingerprint(config, 'text')}"])
+  for folder in folders:
+    assert sorted(p.name for p in (cache_dir / folder).iterdir()) == ["test.npz", "train.npz", "val.npz"]
+  with np.load(cache_dir / folders[0] / "train.npz") as train_images:
+    assert train_images["outputs"].shape == (64, 1, 64)  # tiny train split: 64 images, 1 view, ResNet width 8 -> 64
+    assert train_images["outputs"].dtype == np.float32
+  stamps = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")}
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(config, str(tmp_path_factory.mktemp("again")))
+  assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")} == stamps
+  assert "trunk cache: wrote" not in caplog.text
+
+
+def test_fingerprint_follows_what_the_outputs_depend_on(tmp_path_factory):
+  config = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 8})
+  other_views = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 4})
+  other_seed = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 8, "seed": 3})
+  other_pp = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 8, "input.pp_eval": "decode|resize(28)"})
+  assert trunk_cache.fingerprint(config, "image") == trunk_cache.fingerprint(other_seed, "image")
+  assert trunk_cache.fingerprint(config, "image") != trunk_cache.fingerprint(other_views, "image")
+  assert trunk_cache.fingerprint(config, "image") != trunk_cache.fingerprint(other_pp, "image")
+  assert trunk_cache.fingerprint(config, "text") == trunk_cache.fingerprint(other_pp, "text")
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+  image = np.arange(2 * 3 * 3).reshape(3, 3, 2)
+  views = [trunk_cache.dihedral_view(image, k) for k in range(8)]
+  np.testing.assert_array_equal(views[1], np.rot90(image))
+  np.testing.assert_array_equal(views[4], image[:, ::-1])
+  np.testing.assert_array_equal(views[6], np.rot90(image, 2)[:, ::-1])
+  assert len({v.tobytes() for v in views}) == 8
+
+
+def test_cached_texts_share_rows_of_identical_captions_and_compute_new_ones():
+  computed = []
+
+  def compute(captions, max_len):
+    computed.append(list(captions))
+    return np.array([[len(c), max_len] for c in captions], np.float16)
+
+  texts = trunk_cache.CachedTexts(vocab=None, captions=["a road", "two planes"],
+                                  outputs=np.array([[1, 1], [2, 2]], np.float16), compute=compute)
+  outputs, lengths, truncated = texts.encode_batch(["two planes", "a road", "two planes"], 32)
+  np.testing.assert_array_equal(outputs, [[2, 2], [1, 1], [2, 2]])
+  np.testing.assert_array_equal(lengths, [1, 1, 1])
+  assert truncated == 0 and computed == []
+  outputs, _, _ = texts.encode_batch(["a new query", "a road"], 32)
+  np.testing.assert_array_equal(outputs, [[11, 32], [1, 1]])
+  assert computed == [["a new query"]]
+
+
+@pytest.mark.parametrize("module,kwargs", [
+    (dual_encoder, dict(image_tower="resnet", image=dict(depth=18, width=8), text_tower="transformer",
+                        text=dict(width=32, depth=1, heads=2, mlp_dim=64, max_len=8), embed_dim=16)),
+    (hvsa, dict(resnet_width=8, kea_slots=4, word_dim=8, hidden_dim=16, embed_dim=16)),
+])
+def test_precomputed_towers_read_the_trunk_outputs(module, kwargs):
+  full = module.Model(vocab_size=20, frozen=("image", "text"), **kwargs)
+  heads = module.Model(vocab_size=20, frozen=("image", "text"), precomputed=("image", "text"), **kwargs)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  tokens, lengths = jnp.array([[3, 4, 5, 0, 0, 0, 0, 0], [6, 7, 0, 0, 0, 0, 0, 0]]), jnp.array([3, 2])
+  variables = full.init(jax.random.key(1), images, tokens, lengths, train=False)
+  image_trunk = full.apply(variables, images, method="image_trunk")
+  text_trunk = full.apply(variables, tokens, lengths, method="text_trunk")
+  expected = full.apply(variables, images, tokens, lengths, train=False)
+  head_variables = heads.init(jax.random.key(1), image_trunk, text_trunk, jnp.ones(2, jnp.int32), train=False)
+  got = heads.apply(variables, image_trunk, text_trunk, jnp.ones(2, jnp.int32), train=False)
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6)
+  trunk_names = {"image_encoder", "text_encoder", "resnet", "skipthoughts"}
+  assert set(head_variables["params"]) < set(variables["params"])
+  assert not trunk_names & set(head_variables["params"]), "heads must not hold trunk parameters"
+  for path, value in jax.tree_util.tree_leaves_with_path(head_variables["params"]):  # same init as the full model
+    np.testing.assert_array_equal(value, _leaf(variables["params"], path))
+
+
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def test_refusals_name_the_field():
+  with pytest.raises(ValueError, match=r"model.precomputed=\('image',\): only frozen towers \(\) can be"):
+    dual_encoder.Model(vocab_size=5, precomputed=("image",)).init(
+        jax.random.key(0), jnp.zeros((1, 8)), jnp.zeros((1, 4), jnp.int32), jnp.ones(1, jnp.int32), train=False)
+  model = amfmn.Model(vocab_size=5, frozen=("image",), precomputed=("image",))
+  with pytest.raises(ValueError, match=r"reads? the image maps \('f1', 'f2', 'f3', 'f4'\)"):
+    model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 512)), jnp.zeros((1, 4), jnp.int32), jnp.ones(1, jnp.int32),
+               train=False)
+
+
+def test_config_refusals(tmp_path_factory):
+  unfrozen = runlocal_config(tmp_path_factory, "clip", "runlocal", **{"trunk_cache.views": 2})
+  with pytest.raises(ValueError, match="model.frozen names none; freeze the image and/or text tower"):
+    train.build_setup(unfrozen, str(tmp_path_factory.mktemp("unfrozen")), sharding_lib.make_mesh())
+  too_many = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 9})
+  with pytest.raises(ValueError, match=r"trunk_cache.views=9: expected 1..8 dihedral views"):
+    trunk_cache.cached_towers(too_many)
+  head_frozen = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 1})
+  head_frozen.optimizer.frozen = tuple(head_frozen.optimizer.frozen) + ("model/image_projection/.*",)
+  with pytest.raises(ValueError, match=r"optimizer.frozen matches \['model/image_projection/kernel'\]"):
+    train.build_setup(head_frozen, str(tmp_path_factory.mktemp("head_frozen")),
+                      sharding_lib.make_mesh())
