@@ -13,10 +13,11 @@ augmentation. Captions: one output per distinct string (identical captions tie e
 
 Files: `{trunk_cache.dir}/{tower}-{fingerprint}/{split}.npz` in `trunk_cache.dtype` (float16 by default: half the
 memory; float32 reproduces the uncached run to rounding), where the fingerprint hashes everything that determines
-the outputs (model config, pretrained checkpoints, preprocessing, views, dataset, dtype), so seeds share one cache
-and any change recomputes it. `dir` defaults to `trunk_cache` beside the dataset's tfds build.
+the outputs (model config but its head fields, pretrained checkpoints, preprocessing, views, dataset, dtype), so
+seeds and head variants share one cache and any change recomputes it. `dir` defaults to `trunk_cache` beside the dataset's tfds build.
 """
 import hashlib
+import importlib
 import json
 import os
 
@@ -56,10 +57,13 @@ def dihedral_view(image: np.ndarray, k: int) -> np.ndarray:
 
 
 def fingerprint(config, tower: str) -> str:
-  """A short hash of everything that determines the tower's cached trunk outputs (any seed, any split)."""
+  """A short hash of everything that determines the tower's cached trunk outputs (any seed, any split, any heads:
+  the model's HEAD_FIELDS are left out)."""
   init = {name: dict(entry) for name, entry in dict(config.get("init") or {}).items()}
+  model_class = importlib.import_module(f"rsalign_jax.models.{config.model_name}").Model
+  model = {k: v for k, v in config.model.to_dict().items() if k not in getattr(model_class, "HEAD_FIELDS", ())}
   image = tower == "image"
-  keys = dict(model_name=config.model_name, model=config.model.to_dict(), init=init,
+  keys = dict(model_name=config.model_name, model=model, init=init,
               compute_dtype=config.get("compute_dtype", "float32"), dataset=config.dataset.to_dict(),
               dtype=config.trunk_cache.get("dtype", "float16"), pp_eval=config.input.pp_eval if image else None,
               views=config.trunk_cache.views if image else None, text=None if image else config.text.to_dict())

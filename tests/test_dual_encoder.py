@@ -45,6 +45,24 @@ def test_towers_give_float32_embeddings_and_cosine_scores(image_tower, image, te
   assert hash(model) == hash(model.clone())  # config dicts are frozen: jit caches key on the module
 
 
+def test_mlp_projection_matches_numpy_and_drops_out_only_in_training():
+  model = dual_encoder.Model(vocab_size=30, embed_dim=6, image_tower="vit", image=VIT, text_tower="transformer",
+                             text=TEXT, projection_hidden=10, projection_dropout=0.5)
+  images, tokens, lengths = batch()
+  variables = model.init(jax.random.key(0), images, tokens, lengths, train=False)
+  head = variables["params"]["image_projection"]
+  assert {k: v["kernel"].shape for k, v in head.items()} == {"hidden": (16, 10), "out": (10, 6)}
+  features = np.asarray(model.apply(variables, images, method="image_trunk"), np.float64)
+  hidden = features @ head["hidden"]["kernel"] + head["hidden"]["bias"]
+  gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden ** 3)))
+  want = gelu @ head["out"]["kernel"] + head["out"]["bias"]
+  got = model.apply(variables, images, train=False, method="embed_images")
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  trained = [model.apply(variables, images, train=True, method="embed_images", rngs={"dropout": jax.random.key(k)})
+             for k in (1, 2)]
+  assert not np.allclose(trained[0], trained[1]) and not np.allclose(trained[0], got)
+
+
 def test_causal_text_tower_ignores_everything_after_the_pooled_token():
   model = dual_encoder.Model(vocab_size=30, embed_dim=8, image=VIT, text=TEXT, text_pool="last")
   images, tokens, lengths = batch()

@@ -72,7 +72,12 @@ def test_fingerprint_follows_what_the_outputs_depend_on(tmp_path_factory):
   other_views = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 4})
   other_seed = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 8, "seed": 3})
   other_pp = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 8, "input.pp_eval": "decode|resize(28)"})
+  other_heads = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 8, "model.projection_hidden": 64,
+                                                        "model.embed_dim": 8})
+  other_trunk = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 8, "model.image.width": 16})
   assert trunk_cache.fingerprint(config, "image") == trunk_cache.fingerprint(other_seed, "image")
+  assert trunk_cache.fingerprint(config, "image") == trunk_cache.fingerprint(other_heads, "image")
+  assert trunk_cache.fingerprint(config, "image") != trunk_cache.fingerprint(other_trunk, "image")
   assert trunk_cache.fingerprint(config, "image") != trunk_cache.fingerprint(other_views, "image")
   assert trunk_cache.fingerprint(config, "image") != trunk_cache.fingerprint(other_pp, "image")
   assert trunk_cache.fingerprint(config, "text") == trunk_cache.fingerprint(other_pp, "text")
@@ -108,6 +113,9 @@ def test_cached_texts_share_rows_of_identical_captions_and_compute_new_ones():
 @pytest.mark.parametrize("module,kwargs", [
     (dual_encoder, dict(image_tower="resnet", image=dict(depth=18, width=8), text_tower="transformer",
                         text=dict(width=32, depth=1, heads=2, mlp_dim=64, max_len=8), embed_dim=16)),
+    (dual_encoder, dict(image_tower="resnet", image=dict(depth=18, width=8), text_tower="transformer",
+                        text=dict(width=32, depth=1, heads=2, mlp_dim=64, max_len=8), embed_dim=16,
+                        projection_hidden=24, projection_dropout=0.5)),
     (hvsa, dict(resnet_width=8, kea_slots=4, word_dim=8, hidden_dim=16, embed_dim=16)),
 ])
 def test_precomputed_towers_read_the_trunk_outputs(module, kwargs):

@@ -5,7 +5,8 @@ torchvision BasicBlock ResNet; global average pool of layer4) or 'efficientnet' 
 pooled 1280-d head feature). Text towers (`text_tower`, kwargs in `text`):
 'transformer' (models/text_transformer.py, CLIP's causal text Transformer) or 'bert' (models/bert.py, BERT/MiniLM).
 `text_pool` picks the sentence state: 'argmax' (CLIP checkpoints: the end-of-text token has the highest id) or
-'last' (position lengths-1) for the transformer; 'mean' or 'cls' for BERT. Embeddings are returned unnormalised in
+'last' (position lengths-1) for the transformer; 'mean' or 'cls' for BERT. `projection_hidden` > 0 replaces each
+linear projection by an MLP (`MlpProjection`: that hidden width, GELU, `projection_dropout`). Embeddings are returned unnormalised in
 float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does. Towers named in `frozen`
 ('image', 'text') run in inference mode under `stop_gradient` (the optimizer's `frozen` patterns keep their
 parameters fixed), e.g. the linear-probe floor: pretrained towers frozen, only the projections trained.
@@ -33,6 +34,7 @@ TEXT_POOLS = {"transformer": ("argmax", "last"), "bert": ("mean", "cls")}
 
 class Model(nn.Module):
   """Two towers + projections; `embed_images` and `embed_texts` run independently, `score` is the cosine."""
+  HEAD_FIELDS = ("embed_dim", "projection_hidden", "projection_dropout")  # fields the towers' trunks do not read
   vocab_size: int
   embed_dim: int = 256
   image_tower: str = "vit"
@@ -42,6 +44,8 @@ class Model(nn.Module):
   text_pool: str = "last"
   frozen: tuple[str, ...] = ()
   precomputed: tuple[str, ...] = ()
+  projection_hidden: int = 0
+  projection_dropout: float = 0.0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -76,10 +80,16 @@ class Model(nn.Module):
       self.text_encoder = text_transformer.TextTransformer(self.vocab_size, **text, dtype=self.dtype)
     else:
       self.text_encoder = bert.Bert(vocab_size=self.vocab_size, **text, dtype=self.dtype)
-    self.image_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                                     kernel_init=nn.initializers.xavier_uniform())
-    self.text_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                                    kernel_init=nn.initializers.xavier_uniform())
+    if self.projection_hidden:
+      self.image_projection = MlpProjection(self.projection_hidden, self.embed_dim, self.projection_dropout,
+                                            self.dtype)
+      self.text_projection = MlpProjection(self.projection_hidden, self.embed_dim, self.projection_dropout,
+                                           self.dtype)
+    else:
+      self.image_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                       kernel_init=nn.initializers.xavier_uniform())
+      self.text_projection = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                      kernel_init=nn.initializers.xavier_uniform())
 
   def image_trunk(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, features) pooled tower output, before the projection."""
@@ -106,12 +116,17 @@ class Model(nn.Module):
   def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
     """(B, H, W, 3) normalised images (or `image_trunk` outputs if precomputed) -> (B, embed_dim) float32."""
     features = images if "image" in self.precomputed else self.image_trunk(images, train=train)
-    return self.image_projection(features.astype(self.dtype)).astype(jnp.float32)
+    return self._project(self.image_projection, features, train)
 
   def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
     """(B, T) token ids and (B,) lengths (or `text_trunk` outputs if precomputed) -> (B, embed_dim) float32."""
     pooled = tokens if "text" in self.precomputed else self.text_trunk(tokens, lengths, train=train)
-    return self.text_projection(pooled.astype(self.dtype)).astype(jnp.float32)
+    return self._project(self.text_projection, pooled, train)
+
+  def _project(self, projection, features, train):
+    features = features.astype(self.dtype)
+    outputs = projection(features, train=train) if self.projection_hidden else projection(features)
+    return outputs.astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, lengths: jax.Array, *,
                train: bool) -> dict[str, jax.Array]:
@@ -121,3 +136,18 @@ class Model(nn.Module):
   def score(self, image_embedding: jax.Array, text_embedding: jax.Array) -> jax.Array:
     """(N, M) cosine similarities; uses no parameters, so it runs on precomputed embeddings in any chunks."""
     return cosine_similarity(image_embedding, text_embedding)
+
+
+class MlpProjection(nn.Module):
+  """Dense(hidden) -> GELU -> dropout -> Dense(out): a two-layer projection head (SimCLR's, CLIP-Adapter's shape),
+  the usual step up from a linear probe on frozen features."""
+  hidden: int
+  out: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return nn.Dense(self.out, dtype=self.dtype, name="out")(x)

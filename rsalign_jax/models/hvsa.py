@@ -31,6 +31,7 @@ from rsalign_jax.models import towers
 
 class Model(towers.SwappableTowers, nn.Module):
   """HVSA's two towers; `embed_images` and `embed_texts` run independently, `score` compares their outputs."""
+  HEAD_FIELDS = ("embed_dim", "kea_slots")  # fields the towers' trunks do not read
   vocab_size: int
   embed_dim: int = 512
   resnet_depth: int = 18
