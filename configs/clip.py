@@ -11,6 +11,7 @@ Arg options: a dataset (`synthetic`, `rsicd`, `rsitmd`, `ucm`, `sydney`), `runlo
 ImageNet weights, configlib.efficientnet_weights), `text_tower=transformer|bert`, `frozen=image|text|image+text`
 (towers in inference mode, never updated: `frozen=image+text` with pretrained towers is the linear-probe floor),
 `projection_hidden=N,projection_dropout=P` (an MLP projection head, models/dual_encoder.py; default linear),
+`image_pool=mean|mean_max` (how a ResNet / EfficientNet map is pooled; default mean),
 `vocab_file=PATH` (a BERT vocab.txt for the bert tower; default the init checkpoint's, else all-MiniLM-L6-v2's),
 `init=PATH` (pretrained weights; default none):
 - with text_tower=bert: a Hugging Face BERT directory (`minilm` = the installed all-MiniLM-L6-v2); the text tower
@@ -42,8 +43,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 def get_config(arg=None):
   arg = configlib.parse_arg(arg, positional="dataset", dataset="synthetic", runlocal=False, manual_dir="", seed=0,
                             siglip=False, image_tower="resnet", text_tower="transformer", vocab_file="", init="",
-                            init_format="open_clip", frozen="", data_dir="", image_size=0, projection_hidden=0,
-                            projection_dropout=0.0)
+                            init_format="open_clip", frozen="", data_dir="", image_size=0, image_pool="mean",
+                            projection_hidden=0, projection_dropout=0.0)
   config = configlib.base_config(arg)
   real = arg.dataset != "synthetic"
 
@@ -53,7 +54,8 @@ def get_config(arg=None):
                       image_tower="efficientnet" if pretrained_image else arg.image_tower,
                       image={} if pretrained_image else image_tower(arg.image_tower, real),
                       text_tower=arg.text_tower, text={}, text_pool="last", frozen=(),
-                      projection_hidden=arg.projection_hidden, projection_dropout=arg.projection_dropout)
+                      image_pool=arg.image_pool, projection_hidden=arg.projection_hidden,
+                      projection_dropout=arg.projection_dropout)
   if arg.text_tower == "transformer":
     width = 512 if real else 256
     config.model.text = dict(width=width, depth=6 if real else 2, heads=width // 64, mlp_dim=4 * width,

@@ -27,11 +27,12 @@ ROWS = {
     # The floor every method must clear: both pretrained towers frozen, only linear heads trained (InfoNCE).
     "floor": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=image+text", 5, 1e-3),
     # Frozen trunks computed once (8 dihedral views per training image, `rsalign_jax.trunk_cache`): the floor at 30
-    # epochs, and MLP projection heads (hidden 2048, dropout 0.5) on the same frozen features at 50 epochs.
+    # epochs, and MLP projection heads (hidden 2048, dropout 0.5) on the same frozen features, EfficientNet-Lite0's
+    # map pooled by average and max, at 50 epochs.
     "floor_cached": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=image+text", 30, 1e-3,
                      dict(views=8)),
-    "mlp_heads": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=image+text,projection_hidden=2048,"
-                          "projection_dropout=0.5", 50, 1e-3, dict(views=8)),
+    "mlp_heads": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=image+text,image_pool=mean_max,"
+                          "projection_hidden=2048,projection_dropout=0.5", 50, 1e-3, dict(views=8)),
     "clip_pretrained": ("clip", "image_tower=lite0,text_tower=bert,init=minilm", 4, 1e-4),
     # The floor plus EfficientNet-Lite0's last two stages fine-tuned at 0.1x the heads' lr (about 2x the floor's
     # step time: autodiff stops at block 11).

@@ -63,6 +63,20 @@ def test_mlp_projection_matches_numpy_and_drops_out_only_in_training():
   assert not np.allclose(trained[0], trained[1]) and not np.allclose(trained[0], got)
 
 
+def test_image_pool_mean_max_concatenates_average_and_max_of_the_map():
+  maps = np.random.default_rng(0).normal(size=(2, 3, 3, 4)).astype(np.float32)
+  np.testing.assert_allclose(dual_encoder.pool_map(maps, "mean"), maps.mean(axis=(1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(dual_encoder.pool_map(maps, "mean_max"),
+                             np.concatenate([maps.mean(axis=(1, 2)), maps.max(axis=(1, 2))], -1), rtol=1e-6)
+  model = dual_encoder.Model(vocab_size=30, embed_dim=6, image_tower="resnet", image=dict(depth=18, width=4),
+                             text_tower="transformer", text=TEXT, image_pool="mean_max")
+  images, tokens, lengths = batch(size=64)
+  variables = model.init(jax.random.key(0), images, tokens, lengths, train=False)
+  assert variables["params"]["image_projection"]["kernel"].shape == (2 * 32, 6)  # ResNet-18 width 4: 32 channels
+  with pytest.raises(ValueError, match=r"model.image_pool='max': expected one of \('mean', 'mean_max'\)"):
+    model.clone(image_pool="max").init(jax.random.key(0), images, tokens, lengths, train=False)
+
+
 def test_causal_text_tower_ignores_everything_after_the_pooled_token():
   model = dual_encoder.Model(vocab_size=30, embed_dim=8, image=VIT, text=TEXT, text_pool="last")
   images, tokens, lengths = batch()

@@ -58,7 +58,7 @@ def test_cache_files_one_per_tower_and_split_and_reused(runs, tmp_path_factory, 
   for folder in folders:
     assert sorted(p.name for p in (cache_dir / folder).iterdir()) == ["test.npz", "train.npz", "val.npz"]
   with np.load(cache_dir / folders[0] / "train.npz") as train_images:
-    assert train_images["outputs"].shape == (64, 1, 64)  # tiny train split: 64 images, 1 view, ResNet width 8 -> 64
+    assert train_images["outputs"].shape == (64, 1, 1, 1, 64)  # 64 images, 1 view, a ResNet-18 width 8 map at 32 px
     assert train_images["outputs"].dtype == np.float32
   stamps = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")}
   with caplog.at_level("INFO"):
@@ -115,7 +115,7 @@ def test_cached_texts_share_rows_of_identical_captions_and_compute_new_ones():
                         text=dict(width=32, depth=1, heads=2, mlp_dim=64, max_len=8), embed_dim=16)),
     (dual_encoder, dict(image_tower="resnet", image=dict(depth=18, width=8), text_tower="transformer",
                         text=dict(width=32, depth=1, heads=2, mlp_dim=64, max_len=8), embed_dim=16,
-                        projection_hidden=24, projection_dropout=0.5)),
+                        image_pool="mean_max", projection_hidden=24, projection_dropout=0.5)),
     (hvsa, dict(resnet_width=8, kea_slots=4, word_dim=8, hidden_dim=16, embed_dim=16)),
 ])
 def test_precomputed_towers_read_the_trunk_outputs(module, kwargs):

@@ -6,7 +6,8 @@ pooled 1280-d head feature). Text towers (`text_tower`, kwargs in `text`):
 'transformer' (models/text_transformer.py, CLIP's causal text Transformer) or 'bert' (models/bert.py, BERT/MiniLM).
 `text_pool` picks the sentence state: 'argmax' (CLIP checkpoints: the end-of-text token has the highest id) or
 'last' (position lengths-1) for the transformer; 'mean' or 'cls' for BERT. `projection_hidden` > 0 replaces each
-linear projection by an MLP (`MlpProjection`: that hidden width, GELU, `projection_dropout`). Embeddings are returned unnormalised in
+linear projection by an MLP (`MlpProjection`: that hidden width, GELU, `projection_dropout`); `image_pool` pools a
+ResNet / EfficientNet map by its average (the usual) or its average and max concatenated ('mean_max'). Embeddings are returned unnormalised in
 float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does. Towers named in `frozen`
 ('image', 'text') run in inference mode under `stop_gradient` (the optimizer's `frozen` patterns keep their
 parameters fixed), e.g. the linear-probe floor: pretrained towers frozen, only the projections trained.
@@ -30,11 +31,18 @@ from rsalign_jax.models import bert, efficientnet_lite, resnet, text_transformer
 IMAGE_TOWERS = ("vit", "resnet", "efficientnet")
 TEXT_TOWERS = ("transformer", "bert")
 TEXT_POOLS = {"transformer": ("argmax", "last"), "bert": ("mean", "cls")}
+IMAGE_POOLS = ("mean", "mean_max")
+
+
+def pool_map(maps: jax.Array, pool: str) -> jax.Array:
+  """(B, h, w, C) -> (B, C) global average ('mean'), or (B, 2C) average and max concatenated ('mean_max')."""
+  mean = maps.mean(axis=(1, 2))
+  return mean if pool == "mean" else jnp.concatenate([mean, maps.max(axis=(1, 2))], axis=-1)
 
 
 class Model(nn.Module):
   """Two towers + projections; `embed_images` and `embed_texts` run independently, `score` is the cosine."""
-  HEAD_FIELDS = ("embed_dim", "projection_hidden", "projection_dropout")  # fields the towers' trunks do not read
+  HEAD_FIELDS = ("embed_dim", "image_pool", "projection_hidden", "projection_dropout")  # fields the towers' trunks do not read
   vocab_size: int
   embed_dim: int = 256
   image_tower: str = "vit"
@@ -44,6 +52,7 @@ class Model(nn.Module):
   text_pool: str = "last"
   frozen: tuple[str, ...] = ()
   precomputed: tuple[str, ...] = ()
+  image_pool: str = "mean"
   projection_hidden: int = 0
   projection_dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -66,6 +75,8 @@ class Model(nn.Module):
                        f"{TEXT_POOLS[self.text_tower]}")
     if set(self.frozen) - {"image", "text"}:
       raise ValueError(f"model.frozen={self.frozen!r}: expected towers among ('image', 'text')")
+    if self.image_pool not in IMAGE_POOLS:
+      raise ValueError(f"model.image_pool={self.image_pool!r}: expected one of {IMAGE_POOLS}")
     if set(self.precomputed) - set(self.frozen):
       raise ValueError(f"model.precomputed={self.precomputed!r}: only frozen towers {self.frozen!r} can be "
                        "precomputed (a trained tower's output changes every step)")
@@ -92,13 +103,12 @@ class Model(nn.Module):
                                       kernel_init=nn.initializers.xavier_uniform())
 
   def image_trunk(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    """(B, H, W, 3) normalised images -> (B, features) pooled tower output, before the projection."""
+    """(B, H, W, 3) normalised images -> the tower's output before pooling and projection: the last feature map
+    (B, h, w, C) of a ResNet / EfficientNet, the pooled (B, width) of a ViT."""
     frozen = "image" in self.frozen
     features = self.image_encoder(images, train=train and not frozen)
-    if self.image_tower == "resnet":
-      features = features["f4"].mean(axis=(1, 2))
-    elif self.image_tower == "efficientnet":
-      features = features["pooled"]
+    if self.image_tower in ("resnet", "efficientnet"):
+      features = features["f4"]
     return jax.lax.stop_gradient(features) if frozen else features
 
   def text_trunk(self, tokens: jax.Array, lengths: jax.Array, *, train: bool = False) -> jax.Array:
@@ -116,6 +126,8 @@ class Model(nn.Module):
   def embed_images(self, images: jax.Array, *, train: bool) -> jax.Array:
     """(B, H, W, 3) normalised images (or `image_trunk` outputs if precomputed) -> (B, embed_dim) float32."""
     features = images if "image" in self.precomputed else self.image_trunk(images, train=train)
+    if features.ndim == 4:
+      features = pool_map(features.astype(jnp.float32), self.image_pool)
     return self._project(self.image_projection, features, train)
 
   def embed_texts(self, tokens: jax.Array, lengths: jax.Array, *, train: bool) -> jax.Array:
