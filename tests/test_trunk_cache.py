@@ -10,6 +10,8 @@ import pytest
 from helpers import runlocal_config
 from rsalign_jax import train, trunk_cache
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
+from rsalign_jax.modes import export, search
+from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import sharding as sharding_lib
 
 NO_AUGMENTATION = "decode|resize(32)|normalize"  # the eval preprocessing: the uncached run sees the cached inputs
@@ -65,6 +67,26 @@ def test_cache_files_one_per_tower_and_split_and_reused(runs, tmp_path_factory, 
     train.train_and_evaluate(config, str(tmp_path_factory.mktemp("again")))
   assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")} == stamps
   assert "trunk cache: wrote" not in caplog.text
+
+
+def test_export_and_search_on_cached_trunks_match_the_recomputing_run(runs, tmp_path):
+  _, results = runs
+  found = {}
+  for name in ("uncached", "cached"):
+    config, workdir, _ = results[name]
+    export.export(config, str(workdir), output_dir=str(tmp_path / name))
+    loaded = trained_lib.load(config, str(workdir))
+    with jax.set_mesh(loaded.setup.mesh):
+      gallery = search.load_gallery(loaded, gallery_dir=str(tmp_path / name))
+      query = tmp_path / "query.png"
+      query.write_bytes(gallery.data.source[3]["image"])
+      [by_image] = search.image_to_gallery(loaded, gallery, [str(query)], 5)
+      [by_text] = search.text_to_images(loaded, gallery, ["a plane parked beside a green lawn"], 5)
+    found[name] = ([r["row"] for r in by_image["results"]], [r["row"] for r in by_text["results"]],
+                   np.load(tmp_path / name / "image_embeddings.npy"), np.load(tmp_path / name / "caption_embeddings.npy"))
+  assert found["cached"][:2] == found["uncached"][:2]
+  for cached, uncached in zip(found["cached"][2:], found["uncached"][2:]):
+    np.testing.assert_allclose(cached, uncached, rtol=1e-4, atol=1e-5)
 
 
 def test_fingerprint_follows_what_the_outputs_depend_on(tmp_path_factory):
