@@ -126,7 +126,7 @@ class TrunkCache:
     if lacking:
       raise ValueError(f"trunk_cache.views > 0: model {config.model_name!r} has no {' / '.join(lacking)} method "
                        "(models/dual_encoder.py, hvsa.py and amfmn.py have them); set trunk_cache.views=0")
-    self._config, self._model, self._variables_fn, self._vocab = config, full_model, trunk_variables_fn, vocab
+    self._config, self._variables_fn, self._vocab = config, trunk_variables_fn, vocab
     self._variables = None
     self._views = config.trunk_cache.views
     self._dtype = np.dtype(config.trunk_cache.get("dtype", "float16"))
@@ -170,10 +170,8 @@ class TrunkCache:
 
   def image_outputs(self, images: np.ndarray) -> np.ndarray:
     """Eval-preprocessed images (N, H, W, 3) -> their image-trunk outputs (N, ...) float32 (e.g. search queries)."""
-    rows = self._config.eval_batch_size
-    outputs = [np.asarray(self._image_fn(self.variables(), _pad(images[s:s + rows], rows)))[:len(images[s:s + rows])]
-               for s in range(0, len(images), rows)]
-    return np.concatenate(outputs).astype(np.float32)
+    return _in_batches(lambda x: self._image_fn(self.variables(), x), (images,), self._config.eval_batch_size,
+                       np.float32)
 
   def _path(self, tower, split):
     return os.path.join(self._dir, f"{tower}-{fingerprint(self._config, tower)}", f"{split}.npz")
@@ -193,24 +191,26 @@ class TrunkCache:
       rng = np.random.default_rng(0)  # eval preprocessing is deterministic
       images = [pp(source[i]["image"], rng) for i in range(start, min(start + rows, len(source)))]
       batch = np.stack([dihedral_view(image, k) for image in images for k in range(views)])
-      out = np.asarray(self._image_fn(self.variables(), _pad(batch, rows * views)))[:len(batch)]
-      outputs.append(out.reshape((len(images), views) + out.shape[1:]).astype(self._dtype))
+      out = _in_batches(lambda x: self._image_fn(self.variables(), x), (batch,), rows * views, self._dtype)
+      outputs.append(out.reshape((len(images), views) + out.shape[1:]))
       if start // rows % 10 == 0:
         log("trunk cache: images %d/%d (%d views)", start + len(images), len(source), views)
     return np.concatenate(outputs)
 
   def _compute_texts(self, captions, max_len):
     tokens, lengths, _ = self._vocab.encode_batch(captions, max_len)
-    rows = self._config.eval_batch_size
-    outputs = [np.asarray(self._text_fn(self.variables(), _pad(tokens[s:s + rows], rows),
-                                        _pad(lengths[s:s + rows], rows, fill=1)))[:len(tokens[s:s + rows])]
-               for s in range(0, len(tokens), rows)]
-    return np.concatenate(outputs).astype(self._dtype)
+    return _in_batches(lambda t, n: self._text_fn(self.variables(), t, n), (tokens, lengths),
+                       self._config.eval_batch_size, self._dtype)
 
 
-def _pad(array, rows, fill=0):
-  """Pads to a fixed number of rows, so every batch reuses one compiled function."""
-  if len(array) == rows:
-    return array
-  return np.concatenate([array, np.full((rows - len(array),) + array.shape[1:], fill, array.dtype)])
+def _in_batches(fn, arrays, rows, dtype):
+  """`fn` over batches of exactly `rows` rows of `arrays` (the last one padded by repeating its last row, so one
+  compiled function serves all), outputs concatenated without the padding, as `dtype`."""
+  total = len(arrays[0])
+  outputs = []
+  for start in range(0, total, rows):
+    batch = [a[start:start + rows] for a in arrays]
+    padded = [np.concatenate([b, np.repeat(b[-1:], rows - len(b), axis=0)]) for b in batch]
+    outputs.append(np.asarray(fn(*padded))[:len(batch[0])].astype(dtype))
+  return np.concatenate(outputs)
 
