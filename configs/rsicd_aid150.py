@@ -37,7 +37,8 @@ ROWS = {
     # The floor plus EfficientNet-Lite0's last two stages fine-tuned at 0.1x the heads' lr (about 2x the floor's
     # step time: autodiff stops at block 11).
     "clip_top_stages": ("clip", "image_tower=lite0,text_tower=bert,init=minilm,frozen=text", 5, 1e-3,
-                        dict(optimizer=dict(frozen=(LITE0_EARLY_STAGES,), lr_mults=(("model/image_encoder/.*", 0.1),)))),
+                        dict(optimizer=dict(frozen=(LITE0_EARLY_STAGES,),
+                                            lr_mults=(("model/image_encoder/.*", 0.1),)))),
     # The ablation on frozen pretrained trunks (the floor's budget): HVSA's heads (KEA over Lite0's last map, a
     # ReLU(Linear) over MiniLM's sentence) with HVSA's loss, plain VSE++ or InfoNCE; a GRU trained from scratch in
     # place of MiniLM; a ResNet-18 trained from scratch in place of Lite0.

@@ -14,7 +14,8 @@ augmentation. Captions: one output per distinct string (identical captions tie e
 Files: `{trunk_cache.dir}/{tower}-{fingerprint}/{split}.npz` in `trunk_cache.dtype` (float16 by default: half the
 memory; float32 reproduces the uncached run to rounding), where the fingerprint hashes everything that determines
 the outputs (model config but its head fields, pretrained checkpoints, preprocessing, views, dataset, dtype), so
-seeds and head variants share one cache and any change recomputes it. `dir` defaults to `trunk_cache` beside the dataset's tfds build.
+seeds and head variants share one cache and any change recomputes it. `dir` defaults to `trunk_cache` beside the
+dataset's tfds build.
 """
 import hashlib
 import importlib

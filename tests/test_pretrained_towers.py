@@ -184,6 +184,11 @@ def test_rsicd_aid150_rows_build_with_the_documented_schedule():
   assert towers("hvsa_frozen_image_gru") == ("lite0", "gru", ("image",))
   assert towers("hvsa_scratch_image_frozen_text") == ("resnet", "bert", ("text",))
   assert module.get_config("hvsa_frozen_infonce").loss_name == "clip"
+  for row, views in (("floor", 0), ("floor_cached", 8), ("mlp_heads", 8)):
+    assert module.get_config(row).trunk_cache.views == views
+  assert module.get_config("floor,views=2").trunk_cache.views == 2
+  mlp = module.get_config("mlp_heads").model
+  assert (mlp.image_pool, mlp.projection_hidden, mlp.projection_dropout) == ("mean_max", 2048, 0.5)
   top_stages = module.get_config("clip_top_stages")
   assert top_stages.model.frozen == ("text",)
   assert top_stages.optimizer.frozen == ("model/text_encoder/.*", module.LITE0_EARLY_STAGES)

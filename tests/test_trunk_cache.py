@@ -83,7 +83,7 @@ def test_export_and_search_on_cached_trunks_match_the_recomputing_run(runs, tmp_
       [by_image] = search.image_to_gallery(loaded, gallery, [str(query)], 5)
       [by_text] = search.text_to_images(loaded, gallery, ["a plane parked beside a green lawn"], 5)
     found[name] = ([r["row"] for r in by_image["results"]], [r["row"] for r in by_text["results"]],
-                   np.load(tmp_path / name / "image_embeddings.npy"), np.load(tmp_path / name / "caption_embeddings.npy"))
+                   *(np.load(tmp_path / name / f"{kind}_embeddings.npy") for kind in ("image", "caption")))
   assert found["cached"][:2] == found["uncached"][:2]
   for cached, uncached in zip(found["cached"][2:], found["uncached"][2:]):
     np.testing.assert_allclose(cached, uncached, rtol=1e-4, atol=1e-5)

@@ -7,8 +7,8 @@ pooled 1280-d head feature). Text towers (`text_tower`, kwargs in `text`):
 `text_pool` picks the sentence state: 'argmax' (CLIP checkpoints: the end-of-text token has the highest id) or
 'last' (position lengths-1) for the transformer; 'mean' or 'cls' for BERT. `projection_hidden` > 0 replaces each
 linear projection by an MLP (`MlpProjection`: that hidden width, GELU, `projection_dropout`); `image_pool` pools a
-ResNet / EfficientNet map by its average (the usual) or its average and max concatenated ('mean_max'). Embeddings are returned unnormalised in
-float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does. Towers named in `frozen`
+ResNet / EfficientNet map by its average (the usual) or its average and max concatenated ('mean_max').
+Embeddings are returned unnormalised in float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does. Towers named in `frozen`
 ('image', 'text') run in inference mode under `stop_gradient` (the optimizer's `frozen` patterns keep their
 parameters fixed), e.g. the linear-probe floor: pretrained towers frozen, only the projections trained.
 `image_trunk` / `text_trunk` are those towers' pooled features; a tower named in `precomputed` reads them as its
@@ -42,7 +42,8 @@ def pool_map(maps: jax.Array, pool: str) -> jax.Array:
 
 class Model(nn.Module):
   """Two towers + projections; `embed_images` and `embed_texts` run independently, `score` is the cosine."""
-  HEAD_FIELDS = ("embed_dim", "image_pool", "projection_hidden", "projection_dropout")  # fields the towers' trunks do not read
+  # Fields the towers' trunks do not read (`rsalign_jax.trunk_cache` keys its files without them).
+  HEAD_FIELDS = ("embed_dim", "image_pool", "projection_hidden", "projection_dropout")
   vocab_size: int
   embed_dim: int = 256
   image_tower: str = "vit"
