@@ -89,6 +89,12 @@ def frozen_mask(params, patterns):
   return jax.tree.map(lambda label: label == "frozen", parameter_labels(patterns)(params))
 
 
+def parameter_paths(params):
+  """params -> the same tree of '/'-joined paths ('model/image_encoder/conv_stem/kernel'), what the regexes match."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"),
+                                          params)
+
+
 def parameter_labels(frozen, lr_mults=()):
   """params -> the same tree of labels: 'frozen' where a `frozen` regex matches the '/'-joined path, else
   'lr_mults[i]' for the first of the `lr_mults` regexes that matches, else 'train'. A regex that matches no
@@ -97,8 +103,7 @@ def parameter_labels(frozen, lr_mults=()):
            "optimizer.lr_mults": [re.compile(p) for p in lr_mults]}
 
   def labels(params):
-    names = jax.tree_util.tree_map_with_path(
-        lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), params)
+    names = parameter_paths(params)
     for field, compiled in named.items():
       unused = [p.pattern for p in compiled if not any(p.fullmatch(name) for name in jax.tree.leaves(names))]
       if unused:

@@ -242,18 +242,22 @@ class Setup:
   abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
   state_sharding: TrainState
   retrieval: "_Retrieval"
-  frozen: tuple[str, ...]  # the optimizer's frozen patterns (none on heads over cached trunks)
   trunk_cache: trunk_cache_lib.TrunkCache | None = None  # frozen trunks' outputs, when the model reads those
+
+  @property
+  def frozen(self):
+    """The optimizer's frozen patterns; none on heads over cached trunks (the patterns named the trunks)."""
+    return () if self.trunk_cache else optimizers.frozen_patterns(self.config)
 
   def open_split(self, split, source=None):
     """`split`'s records with `image` as the model reads it: encoded pixels, or cached image-trunk outputs."""
-    source = source or sources.open_split(self.config.dataset, split)
+    source = sources.open_split(self.config.dataset, split) if source is None else source
     return self.trunk_cache.images(split, source) if self.trunk_cache else source
 
-  def text_encoder(self, split, captions):
-    """What turns `split`'s captions into the model's text inputs: the tokenizer, or the cached text-trunk
-    outputs (`split=None`: free text, computed on demand)."""
-    return self.trunk_cache.texts(split, captions) if self.trunk_cache else self.vocab
+  def text_encoder(self, split, source):
+    """What turns the captions of `split` (records `source`) into the model's text inputs: the tokenizer, or the
+    cached text-trunk outputs (`split=None`: free text, computed on demand)."""
+    return self.trunk_cache.texts(split, source) if self.trunk_cache else self.vocab
 
   @property
   def pp_train(self):
@@ -268,9 +272,9 @@ class Setup:
 
   def make_evaluator(self, split):
     config = self.config
-    source = self.open_split(split)
+    source = sources.open_split(config.dataset, split)
     return evaluator_lib.RetrievalEvaluator(
-        source, self.text_encoder(split, sources.CaptionIndex.read(source).captions), pp_spec=self.pp_eval,
+        self.open_split(split, source), self.text_encoder(split, source), pp_spec=self.pp_eval,
         max_len=config.text.max_len, batch_size=config.eval_batch_size, mesh=self.mesh,
         image_fields=tuple(getattr(self.model, "IMAGE_FIELDS", ())),
         text_fields=tuple(getattr(self.model, "TEXT_FIELDS", ())))
@@ -294,15 +298,15 @@ def build_setup(config, workdir, mesh):
   objective = build_objective(config)
   schedule = optimizers.make_schedule(config, steps_per_epoch)
   example = _example_batch(config, train_source, train_index, vocab, model)
-  frozen, cache = optimizers.frozen_patterns(config), None
+  cache = None
   if trunk_cache_lib.enabled(config):
     full_model, full_example = model, example
     model = build_model(config, vocab.size, precomputed=trunk_cache_lib.cached_towers(config))
     cache = trunk_cache_lib.TrunkCache(config, full_model, lambda: pretrained_model_variables(
         full_model, config, full_example, jax.random.key(config.seed)), vocab)
     example = {**example, **_trunk_example(full_model, full_example, cache.towers)}
-    frozen = ()  # optimizer.frozen froze the trunks; the heads are all trained (checked below)
-  tx = optimizers.make_optimizer(config, schedule, frozen=frozen)
+  # On cached trunks optimizer.frozen named the trunks: the heads are all trained (checked below).
+  tx = optimizers.make_optimizer(config, schedule, frozen=() if cache else None)
   if config.get("grad_cache_chunk"):
     _check_per_example_outputs(model, example)
   init_fn = functools.partial(create_train_state, model=model, objective=objective, tx=tx, example=example)
@@ -314,13 +318,12 @@ def build_setup(config, workdir, mesh):
   if cache is not None:
     _check_heads_trained(abstract_state.params, optimizers.frozen_patterns(config))
   return Setup(config, mesh, train_source, train_index, vocab, model, objective, schedule, tx, steps_per_epoch,
-               init_fn, abstract_state, state_sharding, _Retrieval(model, mesh), frozen, cache)
+               init_fn, abstract_state, state_sharding, _Retrieval(model, mesh), cache)
 
 
 def _check_heads_trained(params, patterns):
   """With cached trunks, `optimizer.frozen` may only name trunk parameters (which the heads model does not have)."""
-  names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in
-           jax.tree_util.tree_leaves_with_path(params)]
+  names = jax.tree.leaves(optimizers.parameter_paths(params))
   frozen_heads = sorted(name for name in names if any(re.fullmatch(p, name) for p in patterns))
   if frozen_heads:
     raise ValueError(f"trunk_cache.views > 0 trains every head parameter, but optimizer.frozen matches "
@@ -397,7 +400,7 @@ def _train_and_evaluate(config, workdir, mesh):
   if setup.trunk_cache:
     log("training on cached outputs of the frozen %s trunk(s) (trunk_cache.views=%d; input.pp_train unused)",
         "+".join(setup.trunk_cache.towers), config.trunk_cache.views)
-    tokens, lengths, _ = setup.text_encoder(config.dataset.train_split, train_index.captions).encode_batch(
+    tokens, lengths, _ = setup.text_encoder(config.dataset.train_split, setup.train_source).encode_batch(
         train_index.captions, config.text.max_len)
   items = pipeline.TrainItems(
       setup.open_split(config.dataset.train_split, setup.train_source), train_index, tokens, lengths,

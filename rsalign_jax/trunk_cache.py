@@ -152,18 +152,19 @@ class TrunkCache:
     path = self._path("image", split)
     if not os.path.exists(path):
       self._save(path, outputs=self._compute_images(source, views))
-    return CachedImages(source, np.load(path)["outputs"])
+    with np.load(path) as cached:
+      return CachedImages(source, cached["outputs"])
 
-  def texts(self, split: str | None, captions):
-    """A tokenizer stand-in holding the text trunk's output of every distinct caption of `split` (None: an empty
-    one for free text, computed on demand)."""
+  def texts(self, split: str | None, source):
+    """A tokenizer stand-in holding the text trunk's output of every distinct caption of `split`, whose records are
+    `source` (read only to compute the cache); `split=None`: an empty one for free text, computed on demand."""
     if "text" not in self.towers:
       return self._vocab
     if split is None:
       return CachedTexts(self._vocab, [], np.zeros((0,), self._dtype), self._compute_texts)
     path = self._path("text", split)
     if not os.path.exists(path):
-      distinct = sorted(set(captions))
+      distinct = sorted(set(sources.CaptionIndex.read(source).captions))
       self._save(path, outputs=self._compute_texts(distinct, self._config.text.max_len),
                  captions=np.asarray(distinct, dtype=object))
     with np.load(path, allow_pickle=True) as cached:

@@ -43,7 +43,7 @@ def open_split(setup, split):
   config = setup.config
   source = sources.open_split(config.dataset, split)
   index = sources.CaptionIndex.read(source)
-  tokens, lengths, _ = setup.text_encoder(split, index.captions).encode_batch(index.captions, config.text.max_len)
+  tokens, lengths, _ = setup.text_encoder(split, source).encode_batch(index.captions, config.text.max_len)
   image_names, text_names = _field_names(setup.model)
   values = fields_lib.read(source, index, tokens, sorted(set(image_names) | set(text_names)))
   return SplitData(split, source, setup.open_split(split, source), index, tokens, lengths,
@@ -58,15 +58,17 @@ def encode_queries(setup, queries):
   """Free-text queries -> (tokens, lengths); an empty query, or one without a word the vocabulary knows, is an
   error."""
   vocab = setup.vocab
-  ids, lengths, _ = vocab.encode_batch(list(queries), setup.config.text.max_len)
+  tokens, lengths, _ = vocab.encode_batch(list(queries), setup.config.text.max_len)
   word2idx = getattr(vocab, "word2idx", None)  # word vocabularies; WordPiece splits any word into known pieces
-  for query, row, length in zip(queries, ids, lengths):
+  for query, row, length in zip(queries, tokens, lengths):
     if not query.strip():
       raise ValueError("--query: empty query; expected a sentence such as 'many planes are parked near a runway'")
     if word2idx is not None and set(row[:length].tolist()) <= {word2idx["<unk>"]}:
       raise ValueError(f"--query={query!r}: none of its words is in the model's vocabulary of {vocab.size - 2} "
                        "words (from the training captions); describe the scene with other words")
-  tokens, lengths, _ = setup.text_encoder(None, queries).encode_batch(list(queries), setup.config.text.max_len)
+  encoder = setup.text_encoder(None, None)
+  if encoder is not vocab:  # cached text trunk: its outputs in place of the token ids
+    tokens, lengths, _ = encoder.encode_batch(list(queries), setup.config.text.max_len)
   return tokens, lengths
 
 

@@ -8,11 +8,12 @@ pooled 1280-d head feature). Text towers (`text_tower`, kwargs in `text`):
 'last' (position lengths-1) for the transformer; 'mean' or 'cls' for BERT. `projection_hidden` > 0 replaces each
 linear projection by an MLP (`MlpProjection`: that hidden width, GELU, `projection_dropout`); `image_pool` pools a
 ResNet / EfficientNet map by its average (the usual) or its average and max concatenated ('mean_max').
-Embeddings are returned unnormalised in float32; the score (and the losses) use the cosine, as CLIP's L2 normalisation does. Towers named in `frozen`
-('image', 'text') run in inference mode under `stop_gradient` (the optimizer's `frozen` patterns keep their
-parameters fixed), e.g. the linear-probe floor: pretrained towers frozen, only the projections trained.
-`image_trunk` / `text_trunk` are those towers' pooled features; a tower named in `precomputed` reads them as its
-input instead of images / token ids (frozen trunks computed once, `rsalign_jax.trunk_cache`).
+Embeddings are returned unnormalised in float32; the score (and the losses) use the cosine, as CLIP's L2
+normalisation does. Towers named in `frozen` ('image', 'text') run in inference mode under `stop_gradient` (the
+optimizer's `frozen` patterns keep their parameters fixed), e.g. the linear-probe floor: pretrained towers frozen,
+only the projections trained. `image_trunk` (a ResNet / EfficientNet map before pooling, a ViT's pooled output) and
+`text_trunk` (the pooled sentence) are the towers' outputs before the heads; a tower named in `precomputed` reads
+them as its input instead of images / token ids (frozen trunks computed once, `rsalign_jax.trunk_cache`).
 
 Parameter names: `image_encoder`, `text_encoder`, `image_projection/kernel` (OpenCLIP `visual.proj`),
 `text_projection/kernel` (OpenCLIP `text_projection`), so rsalign_jax.weights.clip maps CLIP checkpoints one to one.
