@@ -2,6 +2,7 @@
 import functools
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from rsalign_jax.models import hvsa
 from rsalign_jax.models import layers
+from rsalign_jax.models import pooling
 from rsalign_jax.models import resnet
 from rsalign_jax.models import skipthoughts
 
@@ -65,6 +67,33 @@ def test_max_pool_pads_with_minus_infinity():
   padded = np.pad(x[0, :, :, 0], 1, constant_values=-np.inf)
   expected = [[padded[2 * i:2 * i + 3, 2 * j:2 * j + 3].max() for j in range(2)] for i in range(2)]
   np.testing.assert_array_equal(resnet.torch_max_pool(x)[0, :, :, 0], expected)
+
+
+def _first_max_pool_gradient(x, grad, kernel, stride, padding):
+  """numpy: each output's gradient goes to the first (row-major) maximum of its window, as PyTorch routes it."""
+  b, h, w, c = x.shape
+  padded = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-np.inf)
+  out = np.zeros_like(padded)
+  for n, i, j, ch in np.ndindex(*grad.shape):
+    window = padded[n, i * stride:i * stride + kernel, j * stride:j * stride + kernel, ch]
+    dy, dx = np.unravel_index(np.argmax(window), window.shape)  # argmax returns the first maximum
+    out[n, i * stride + dy, j * stride + dx, ch] += grad[n, i, j, ch]
+  return out[:, padding:padding + h, padding:padding + w]
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [((2, 9, 7, 3), 3, 2, 1), ((1, 8, 8, 2), 3, 2, 1),
+                                                         ((1, 7, 6, 2), 2, 2, 0), ((1, 6, 6, 1), 3, 1, 1)])
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(shape, kernel, stride, padding):
+  # Rounded values make ties inside windows common; ReLU-like zeros too.
+  x = np.maximum(np.round(_normal(*shape, seed=1)), 0)
+  out, vjp = jax.vjp(lambda x: pooling.max_pool(x, kernel, stride, padding), x)
+  grad = _normal(*out.shape, seed=2)
+  np.testing.assert_allclose(vjp(grad)[0], _first_max_pool_gradient(x, grad, kernel, stride, padding), atol=1e-6)
+  untied = _normal(*shape, seed=3)
+  flax_pool = lambda x: flax.linen.max_pool(x, (kernel, kernel), (stride, stride), ((padding,) * 2,) * 2)
+  np.testing.assert_array_equal(pooling.max_pool(untied, kernel, stride, padding), flax_pool(untied))
+  np.testing.assert_allclose(jax.vjp(lambda x: pooling.max_pool(x, kernel, stride, padding), untied)[1](grad)[0],
+                             jax.vjp(flax_pool, untied)[1](grad)[0], atol=1e-6)
 
 
 # ---------------------------------------------------------------- layers

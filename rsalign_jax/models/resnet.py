@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rsalign_jax.models import pooling
 from rsalign_jax.models.layers import batch_norm
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -30,7 +31,7 @@ def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.C
 
 def torch_max_pool(x: jax.Array) -> jax.Array:
   """PyTorch's MaxPool2d(3, stride=2, padding=1): the padding is -inf, so it never wins over real values."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return pooling.max_pool(x, kernel=3, stride=2, padding=1)
 
 
 class BasicBlock(nn.Module):
