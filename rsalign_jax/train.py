@@ -201,13 +201,28 @@ class _Retrieval:
     return evaluator.run(model_variables(state), self.embed_images, self.embed_texts, self.score)
 
 
-def _check_finite(step, metrics):
-  """The loss and gradients of the step and the parameters it produced (a NaN learning rate spoils only the last)."""
-  bad = [k for k in ("loss", "l2_grads", "l2_params") if not np.isfinite(metrics[k])]
-  if bad:
+# The loss and gradients of a step and the parameters it produced (a NaN learning rate spoils only the last).
+_WATCHED = ("loss", "l2_grads", "l2_params")
+
+
+@jax.jit
+def _first_non_finite(first, step, metrics):
+  """`first` after `step`: the first step whose watched metrics were not all finite (0: none yet), and those metrics.
+
+  Kept on the device, so the loop checks every step but fetches to the host only at the steps that need it.
+  """
+  watched = {k: metrics[k] for k in _WATCHED}
+  now = (first["step"] == 0) & ~jnp.all(jnp.isfinite(jnp.stack(list(watched.values()))))
+  return jax.tree.map(lambda kept, new: jnp.where(now, new, kept), first, {"step": step, **watched})
+
+
+def _check_finite(first):
+  """Raises if a step was non-finite; `first` is `_first_non_finite`'s, fetched to the host."""
+  if first["step"]:
+    bad = ", ".join(f"{k}={first[k]}" for k in _WATCHED if not np.isfinite(first[k]))
     raise FloatingPointError(
-        f"step {step}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)}; stopping before any checkpoint of "
-        "this state is written. Lower optimizer.lr, set optimizer.grad_clip_norm, or check the input data.")
+        f"step {first['step']}: non-finite {bad}; stopping before any checkpoint of this or a later state is written. "
+        "Lower optimizer.lr, set optimizer.grad_clip_norm, or check the input data.")
 
 
 def _format_duration(seconds):
@@ -449,14 +464,23 @@ def _train_and_evaluate(config, workdir, mesh):
   window_start, window_steps, train_start = time.time(), 0, time.time()
   preemption_watch = preemption.PreemptionWatch()
   preempted = False
+  first_bad = jax.device_put({"step": np.int32(0), **{k: np.float32(0) for k in _WATCHED}},
+                             sharding_lib.replicated(mesh))
   try:
     while step < total_steps:
       state, step_metrics = step_fn(state, next(prefetcher))
-      step_metrics = jax.device_get(step_metrics)
+      first_bad = _first_non_finite(first_bad, state.step, step_metrics)
       step += 1
       window_steps += 1
-      _check_finite(step, step_metrics)
-      if step % config.log_every_steps == 0 or step == total_steps:
+      log_now = step % config.log_every_steps == 0 or step == total_steps
+      val_now = val_evaluator is not None and (step % eval_every == 0 or step == total_steps)
+      preempted = preemption_watch.reached(step)
+      save_now = preempted or step % config.checkpoint_every_steps == 0 or step == total_steps
+      if not (log_now or val_now or save_now):
+        continue  # nothing needs this step on the host: dispatch the next one while the device runs it
+      step_metrics, bad = jax.device_get((step_metrics, first_bad))  # waits for the step: time the window after it
+      _check_finite(bad)
+      if log_now:
         seconds_per_step = (time.time() - window_start) / window_steps
         writer.scalars(step, step_metrics, prefix="train/")
         writer.scalars(step, {"seconds_per_step": seconds_per_step,
@@ -465,7 +489,7 @@ def _train_and_evaluate(config, workdir, mesh):
             step / steps_per_epoch, step_metrics["loss"], seconds_per_step,
             config.input.batch_size / seconds_per_step, _format_duration(seconds_per_step * (total_steps - step)))
         window_start, window_steps = time.time(), 0
-      if val_evaluator is not None and (step % eval_every == 0 or step == total_steps):
+      if val_now:
         val = retrieval.evaluate(val_evaluator, state)
         writer.scalars(step, val, prefix="val/")
         log("val @%d: %s", step, _summary(val))
@@ -474,8 +498,7 @@ def _train_and_evaluate(config, workdir, mesh):
           meta.update(best_val_rsum=val["rsum"], best_step=step, best_val=val)
           best_checkpointer.save(step, state, meta={"step": step, "val": val})
         window_start, window_steps = time.time(), 0
-      preempted = preemption_watch.reached(step)
-      if preempted or step % config.checkpoint_every_steps == 0 or step == total_steps:
+      if save_now:
         checkpointer.save(step, state, loader_state=prefetcher.state, meta=meta)
       if preempted:
         break

@@ -1,14 +1,16 @@
 """The trainer end to end on the tiny synthetic benchmark, on 8 virtual CPU devices: steps, results, resume."""
 import json
 import pathlib
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from helpers import SHARED_DATA, load_config, runlocal_config
-from rsalign_jax import train
+from rsalign_jax import optimizers, train
 
 RSICD_AID150 = SHARED_DATA / "rsicd_aid150"
 
@@ -50,6 +52,57 @@ def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path_factory):
   with pytest.raises(FloatingPointError, match="non-finite"):
     train.train_and_evaluate(config, str(workdir))
   assert not list((workdir / "checkpoints").iterdir())  # the NaN state of step 1 was never saved
+
+
+def counted_device_gets(monkeypatch):
+  """The steps at which the train loop (`train._train_and_evaluate` itself) calls `jax.device_get`."""
+  fetched_at, device_get = [], jax.device_get
+
+  def counting(tree):
+    frame = sys._getframe(1)  # pylint: disable=protected-access
+    if frame.f_code is train._train_and_evaluate.__code__:  # pylint: disable=protected-access
+      fetched_at.append(frame.f_locals["step"])
+    return device_get(tree)
+
+  monkeypatch.setattr(jax, "device_get", counting)
+  return fetched_at
+
+
+def quiet_config(tmp_path_factory, **overrides):
+  """runlocal without validation and random-init evaluation: only the train loop's own host transfers remain."""
+  return runlocal_config(tmp_path_factory, **{"dataset.val_split": "", "eval_random_init": False, **overrides})
+
+
+def test_train_loop_fetches_metrics_only_at_log_and_checkpoint_steps(tmp_path_factory, monkeypatch):
+  """6 steps, logged every 3 and checkpointed every 4: the loop fetches at steps 3 and 6 (logs) and 4 (the NaN/Inf
+  check before the save), once each, and never at steps 1, 2, 5; a per-step fetch would show all 6 steps."""
+  fetched_at = counted_device_gets(monkeypatch)
+  workdir = tmp_path_factory.mktemp("fetches")
+  train.train_and_evaluate(
+      quiet_config(tmp_path_factory, total_steps=6, log_every_steps=3, checkpoint_every_steps=4), str(workdir))
+  assert fetched_at == [3, 4, 6]
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines if "train/loss" in line] == [3, 6]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 6]
+
+
+def test_non_finite_step_between_checks_is_caught_before_the_next_checkpoint(tmp_path_factory, monkeypatch):
+  """A learning rate that turns NaN at the second update spoils the parameters of step 2, which is neither logged nor
+  checkpointed: the check before step 3's checkpoint stops the run and names step 2, the first non-finite one."""
+  make_schedule = optimizers.make_schedule
+
+  def nan_from_step_2(config, steps_per_epoch):
+    lr = make_schedule(config, steps_per_epoch)
+    return lambda count: jnp.where(count >= 1, jnp.nan, lr(count))  # count 1: the update of step 2
+
+  monkeypatch.setattr(optimizers, "make_schedule", nan_from_step_2)
+  fetched_at = counted_device_gets(monkeypatch)
+  workdir = tmp_path_factory.mktemp("nan_between_checks")
+  config = quiet_config(tmp_path_factory, total_steps=6, log_every_steps=4, checkpoint_every_steps=3)
+  with pytest.raises(FloatingPointError, match=r"step 2: non-finite l2_params=nan; stopping before any checkpoint"):
+    train.train_and_evaluate(config, str(workdir))
+  assert fetched_at == [3]
+  assert not list((workdir / "checkpoints").iterdir())
 
 
 @pytest.mark.skipif(not RSICD_AID150.is_dir(), reason="real data ../shared/data/rsicd_aid150 is absent")
