@@ -11,6 +11,7 @@ import pytest
 from rsalign_jax.models import hvsa
 from rsalign_jax.models import layers
 from rsalign_jax.models import pooling
+from rsalign_jax.models import recurrence
 from rsalign_jax.models import resnet
 from rsalign_jax.models import skipthoughts
 
@@ -266,6 +267,38 @@ def test_padding_row_gets_no_gradient(gru):
   nonzero_pad_value, nonzero_pad_grads = loss(dict(params, embedding=params["embedding"].at[0].set(1.0)))
   np.testing.assert_array_equal(nonzero_pad_grads["embedding"][0], 0)
   np.testing.assert_allclose(nonzero_pad_value, value, rtol=1e-6)
+
+
+def _scan_gru_states(inputs, kernels, masks, steps):
+  """The recurrence as a plain scan over all T steps, rows from `steps` on zeroed: autodiff is the reference."""
+  def step(state, x):
+    (x_r, x_z, x_n), (u_r, u_z, u_n), (m_r, m_z, m_n) = x, kernels, masks
+    r = jax.nn.sigmoid(x_r + (state * m_r) @ u_r)
+    z = jax.nn.sigmoid(x_z + (state * m_z) @ u_z)
+    n = jnp.tanh(x_n + r * ((state * m_n) @ u_n))
+    state = (1 - z) * n + z * state
+    return state, state
+
+  states = jax.lax.scan(step, jnp.zeros(inputs[0].shape[1:]), inputs)[1]
+  return states * (jnp.arange(len(states)) < steps)[:, None, None]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 6])
+def test_gru_recurrence_and_its_gradient_equal_autodiff_of_a_scan_up_to_steps(steps):
+  t, b, h = 6, 3, 5
+  inputs = tuple(_normal(t, b, h, seed=s) for s in range(3))
+  kernels = tuple(0.5 * _normal(h, h, seed=s) for s in range(3, 6))
+  masks = tuple((np.random.default_rng(s).random((b, h)) > 0.25).astype(np.float32) / 0.75 for s in range(6, 9))
+  weights = _normal(t, b, h, seed=9)  # a cotangent on every state
+  loss = lambda fn: lambda inputs, kernels: (fn(inputs, kernels, masks, steps) * weights).sum()
+  ours = lambda inputs, kernels, masks, steps: recurrence.gru_states(jnp.float32, inputs, kernels, masks,
+                                                                      jnp.asarray(steps))
+  np.testing.assert_allclose(ours(inputs, kernels, masks, steps), _scan_gru_states(inputs, kernels, masks, steps),
+                             atol=1e-6)
+  expected = jax.grad(loss(_scan_gru_states), argnums=(0, 1))(inputs, kernels)
+  actual = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(inputs, kernels)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- HVSA Model

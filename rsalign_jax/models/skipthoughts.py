@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rsalign_jax.models import recurrence
 from rsalign_jax.models.layers import symmetric_uniform
 
 
@@ -54,36 +55,27 @@ class BayesianUniSkip(nn.Module):
     bx = self.param("encoder_bx", gru_init, (h,))
     ux = self.param("encoder_Ux", gru_init, (h, h))
 
-    batch, _ = tokens.shape
+    batch, max_len = tokens.shape
     # Multiplying by the mask (rather than relying on row 0 being zero) also keeps the padding row's gradient zero.
     words = jnp.take(table, tokens, axis=0) * (tokens != 0)[..., None]
     if train and self.dropout > 0:
       masks = variational_dropout_masks(self.make_rng("dropout"), self.dropout,
                                         [(batch, 1, e)] * 3 + [(batch, h)] * 3)
     else:
-      masks = [1.0] * 6
+      masks = [jnp.ones((1, 1, e), jnp.float32)] * 3 + [jnp.ones((batch, h), jnp.float32)] * 3
     x_mask_r, x_mask_z, x_mask_n, h_mask_r, h_mask_z, h_mask_n = masks
 
-    # Matmuls run in `dtype`; gates and the state stay float32 (adding the float32 biases/inputs promotes).
-    def matmul(x, kernel, spec):
-      return jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    # Input projections for all steps at once, time-major, in `dtype`; the state and gates stay float32.
+    def project(x, kernel):
+      return jnp.einsum("bte,eh->tbh", x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
 
-    # Input projections for all steps at once, time-major; only the hidden matmuls run inside the scan.
-    x_r = matmul(words * x_mask_r, w[:, :h], "bte,eh->tbh") + b[:h]
-    x_z = matmul(words * x_mask_z, w[:, h:], "bte,eh->tbh") + b[h:]
-    x_n = matmul(words * x_mask_n, wx, "bte,eh->tbh") + bx
-    u_r, u_z, u_n = u[:, :h], u[:, h:], ux
-
-    def step(state, inputs):
-      in_r, in_z, in_n = inputs
-      r = jax.nn.sigmoid(in_r + matmul(state * h_mask_r, u_r, "bk,kh->bh"))
-      z = jax.nn.sigmoid(in_z + matmul(state * h_mask_z, u_z, "bk,kh->bh"))
-      n = jnp.tanh(in_n + r * matmul(state * h_mask_n, u_n, "bk,kh->bh"))
-      state = (1 - z) * n + z * state
-      return state, state
-
-    _, states = jax.lax.scan(step, jnp.zeros((batch, h), jnp.float32), (x_r, x_z, x_n))
+    inputs = (project(words * x_mask_r, w[:, :h]) + b[:h], project(words * x_mask_z, w[:, h:]) + b[h:],
+              project(words * x_mask_n, wx) + bx)
+    last = jnp.maximum(lengths, 1) - 1
+    # Steps past the longest caption are read by no one (unless every state is returned): they are not run.
+    steps = jnp.asarray(max_len) if all_states else jnp.minimum(last.max() + 1, max_len)
+    states = recurrence.gru_states(self.dtype, inputs, (u[:, :h], u[:, h:], ux), (h_mask_r, h_mask_z, h_mask_n),
+                                   steps)
     if all_states:
       return jnp.swapaxes(states, 0, 1)
-    last = jnp.maximum(lengths, 1) - 1
     return states[last, jnp.arange(batch)]
