@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rsalign_jax.models import layers
+
 # (width_coefficient, depth_coefficient) of efficientnet_lite_builder.py; resolutions 224, 240, 260, 280, 300.
 VARIANTS = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2), "lite3": (1.2, 1.4), "lite4": (1.4, 1.8)}
 # (repeats, kernel, stride, expand_ratio, input_filters, output_filters) of the seven B0 stages.
@@ -75,15 +77,6 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
   return total // 2, total - total // 2, out
 
 
-def _windows(padded: jax.Array, k: int, stride: int, out_h: int, out_w: int):
-  """(dy, dx, the strided (B, out_h, out_w, C) slice of `padded` that kernel tap (dy, dx) multiplies)."""
-  b, _, _, c = padded.shape
-  for dy in range(k):
-    for dx in range(k):
-      end = (b, dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1, c)
-      yield dy, dx, jax.lax.slice(padded, (0, dy, dx, 0), end, (1, stride, stride, 1))
-
-
 def _pad_same(x: jax.Array, k: int, stride: int):
   (top, bottom, out_h), (left, right, out_w) = same_padding(x.shape[1], k, stride), same_padding(x.shape[2], k, stride)
   return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), (top, left, out_h, out_w)
@@ -100,7 +93,8 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
   kernel's one reduction per tap (autodiff of the slices instead scatters k*k padded copies).
   """
   padded, (_, _, out_h, out_w) = _pad_same(x, kernel.shape[0], stride)
-  return sum(window * kernel[dy, dx, 0] for dy, dx, window in _windows(padded, kernel.shape[0], stride, out_h, out_w))
+  windows = layers.strided_windows(padded, kernel.shape[0], stride, out_h, out_w)
+  return sum(window * kernel[dy, dx, 0] for dy, dx, window in windows)
 
 
 def _depthwise_forward(x, kernel, stride):
@@ -112,7 +106,7 @@ def _depthwise_backward(stride, residuals, grad):
   k = kernel.shape[0]
   padded, (top, left, out_h, out_w) = _pad_same(x, k, stride)
   grad_kernel = jnp.stack([(window * grad).sum(axis=(0, 1, 2))
-                           for _, _, window in _windows(padded, k, stride, out_h, out_w)])
+                           for _, _, window in layers.strided_windows(padded, k, stride, out_h, out_w)])
   b, height, width, c = padded.shape
   span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
   dilated = jax.lax.pad(grad, jnp.zeros((), grad.dtype), ((0, 0, 0), (k - 1, height - span_h, stride - 1),

@@ -32,6 +32,16 @@ def torch_dense(features: int, fan_in: int, use_bias: bool = True, **kwargs) -> 
                   **kwargs)
 
 
+def strided_windows(padded: jax.Array, kernel: int, stride: int, out_h: int, out_w: int):
+  """(dy, dx, the strided (B, out_h, out_w, C) slice of the padded NHWC input under kernel tap (dy, dx)), row-major:
+  what hand-written pooling and depthwise convolutions combine."""
+  b, _, _, c = padded.shape
+  for dy in range(kernel):
+    for dx in range(kernel):
+      end = (b, dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1, c)
+      yield dy, dx, jax.lax.slice(padded, (0, dy, dx, 0), end, (1, stride, stride, 1))
+
+
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 = Flax 0.9, eps 1e-5); batch statistics when training."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)

@@ -11,20 +11,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rsalign_jax.models import layers
+
 
 def _geometry(size: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
   """(output size, padded size the windows span) along one axis."""
   out = (size + 2 * padding - kernel) // stride + 1
   return out, size + 2 * padding
-
-
-def _taps(padded: jax.Array, kernel: int, stride: int, out_h: int, out_w: int):
-  """The (B, out_h, out_w, C) strided slice of `padded` under each kernel tap, row-major."""
-  b, _, _, c = padded.shape
-  for dy in range(kernel):
-    for dx in range(kernel):
-      end = (b, dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1, c)
-      yield dy, dx, jax.lax.slice(padded, (0, dy, dx, 0), end, (1, stride, stride, 1))
 
 
 def _pad(x: jax.Array, padding: int) -> jax.Array:
@@ -51,7 +44,7 @@ def _backward(kernel, stride, padding, residuals, grad):
   taken = jnp.zeros(out.shape, bool)
   grad_padded = jnp.zeros((b, padded_h, padded_w, c), grad.dtype)
   zero = jnp.zeros((), grad.dtype)
-  for dy, dx, tap in _taps(_pad(x, padding), kernel, stride, out_h, out_w):
+  for dy, dx, tap in layers.strided_windows(_pad(x, padding), kernel, stride, out_h, out_w):
     first = (tap == out) & ~taken
     taken = taken | first
     share = jnp.where(first, grad, zero)
