@@ -77,11 +77,10 @@ def median_ms(calls, reps):
 
 def random_batch(config, batch_size, vocab_size, rng):
   """Random normalised images and 0-padded tokens whose lengths follow RSITMD's caption word counts."""
-  size, max_len = config.dataset.image_size, config.text.max_len
-  lengths = np.clip(hvsa_speed.sample_word_counts(rng, batch_size), 1, max_len)
-  tokens = np.where(np.arange(max_len) < lengths[:, None], rng.integers(1, vocab_size, (batch_size, max_len)), 0)
-  return {"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32), "tokens": tokens.astype(np.int32),
-          "lengths": lengths.astype(np.int32), "image_id": np.arange(batch_size, dtype=np.int32)}
+  size = config.dataset.image_size
+  tokens, lengths = hvsa_speed.random_captions(rng, batch_size, vocab_size, config.text.max_len)
+  return {"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32), "tokens": tokens,
+          "lengths": lengths, "image_id": np.arange(batch_size, dtype=np.int32)}
 
 
 # --- The project (JAX) ----------------------------------------------------------------------------------------------

@@ -87,6 +87,13 @@ def sample_word_counts(rng, n):
   return rng.choice(len(counts), size=n, p=counts / counts.sum())
 
 
+def random_captions(rng, batch_size, vocab_size, max_len):
+  """(tokens, lengths) int32: random 0-padded token ids whose lengths follow RSITMD's caption word counts."""
+  lengths = np.clip(sample_word_counts(rng, batch_size), 1, max_len)
+  tokens = np.where(np.arange(max_len) < lengths[:, None], rng.integers(1, vocab_size, (batch_size, max_len)), 0)
+  return tokens.astype(np.int32), lengths.astype(np.int32)
+
+
 def texture(rng):
   """A seeded (IMAGE_SIZE, IMAGE_SIZE, 3) uint8 image: smooth colour blobs at three scales plus pixel noise."""
   pixels = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 127.5, np.float32)
@@ -179,11 +186,10 @@ def infer_child(batch_size):
   vocab_size = timing.vocabulary_size(config)
   model = train.build_model(config, vocab_size)
   rng = np.random.default_rng(0)
-  size, max_len = config.dataset.image_size, config.text.max_len
+  size = config.dataset.image_size
   images = rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
-  lengths = np.clip(sample_word_counts(rng, batch_size), 1, max_len).astype(np.int32)
-  tokens = np.where(np.arange(max_len) < lengths[:, None], rng.integers(1, vocab_size, (batch_size, max_len)), 0)
-  images, tokens, lengths = jax.device_put((images, tokens.astype(np.int32), lengths))
+  tokens, lengths = random_captions(rng, batch_size, vocab_size, config.text.max_len)
+  images, tokens, lengths = jax.device_put((images, tokens, lengths))
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   variables = jax.jit(functools.partial(model.init, train=False))(rngs, images[:2], tokens[:2], lengths[:2])
   towers = {"image": (jax.jit(lambda v, x: model.apply(v, x, train=False, method="embed_images")), (images,)),
