@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from rsalign_jax.losses.similarity import pairwise_dot
+from rsalign_jax.models import convolution
 from rsalign_jax.models import layers
 from rsalign_jax.models import towers
 
@@ -60,7 +61,8 @@ def nearest_resize(x: jax.Array, height: int, width: int) -> jax.Array:
 def torch_conv(features: int, kernel: int, stride: int, in_features: int, dtype: Any, name: str) -> nn.Conv:
   """nn.Conv initialised like torch.nn.Conv2d (kernel and bias U(+-1/sqrt(fan_in))), VALID padding."""
   return nn.Conv(features, (kernel, kernel), strides=stride, padding="VALID", kernel_init=layers.torch_kernel_init,
-                 bias_init=layers.torch_bias_init(in_features * kernel * kernel), dtype=dtype, name=name)
+                 bias_init=layers.torch_bias_init(in_features * kernel * kernel), dtype=dtype,
+                 conv_general_dilated=convolution.conv_general_dilated, name=name)
 
 
 class MVSA(nn.Module):

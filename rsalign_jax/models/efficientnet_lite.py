@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rsalign_jax.models import convolution
 from rsalign_jax.models import layers
 
 # (width_coefficient, depth_coefficient) of efficientnet_lite_builder.py; resolutions 224, 240, 260, 280, 300.
@@ -67,7 +68,7 @@ def block_configs(width: float, depth: float) -> list[BlockConfig]:
 
 def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), strides=stride, padding="SAME", use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, name=name)
+                 dtype=dtype, conv_general_dilated=convolution.conv_general_dilated, name=name)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:

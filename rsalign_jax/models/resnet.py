@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.models import pooling
+from rsalign_jax.models import convolution, pooling
 from rsalign_jax.models.layers import batch_norm
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -23,10 +23,11 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-  """Bias-free conv with PyTorch's symmetric padding kernel // 2 (Flax 'SAME' pads asymmetrically at stride 2)."""
+  """Bias-free conv with PyTorch's symmetric padding kernel // 2 (Flax 'SAME' pads asymmetrically at stride 2);
+  its kernel gradient is `convolution.conv_general_dilated`'s."""
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=conv_init, dtype=dtype, name=name)
+                 kernel_init=conv_init, dtype=dtype, conv_general_dilated=convolution.conv_general_dilated, name=name)
 
 
 def torch_max_pool(x: jax.Array) -> jax.Array:
