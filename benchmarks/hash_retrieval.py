@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from rsalign_jax import train
+from rsalign_jax import experiment
 from rsalign_jax.data import preprocessing
 from rsalign_jax.data import sources
 from rsalign_jax.evaluation import hash_index
@@ -55,7 +55,7 @@ def encode_split(setup, state, split):
   if "scene" not in source[0]:
     raise ValueError(f"dataset {config.dataset.name!r} has no 'scene' feature: CBRSIR relevance needs scene classes")
   pp = preprocessing.parse(config.input.pp_eval)
-  variables = train.model_variables(state)
+  variables = experiment.model_variables(state)
   encode = jax.jit(lambda v, images: setup.model.apply(v, images, train=False, method="encode_images"),
                    out_shardings=sharding_lib.replicated(setup.mesh))
   sharding = sharding_lib.batch_sharding(setup.mesh)
@@ -91,7 +91,7 @@ def main(argv):
   ks = [int(k) for k in _KS.value]
   mesh = sharding_lib.make_mesh()
   with jax.set_mesh(mesh):
-    setup = train.build_setup(config, workdir, mesh)
+    setup = experiment.build_setup(config, workdir, mesh)
     state, restored = restore_state(setup, workdir)
     query_emb, query_codes, query_labels = encode_split(setup, state, config.dataset.test_split)
     gallery_emb, gallery_codes, gallery_labels = encode_split(setup, state, config.dataset.train_split)

@@ -5,7 +5,7 @@
 
 The model, objective and optimizer are `configs/hvsa.py:rsitmd`'s (ResNet-18 width 64 + KEA + mean pool + Linear
 image tower at 256 px; uni-skip GRU 620 -> 2400 + ReLU(Linear) text tower; HVSA's difficulty-weighted triplet +
-image uniformity mixed by the learned weighting MLP; AdamW), built by `train.build_model` / `train.build_objective` /
+image uniformity mixed by the learned weighting MLP; AdamW), built by `experiment.build_model` / `experiment.build_objective` /
 `optimizers.make_optimizer`; the PyTorch side is this file's mirror of the same modules, loss and AdamW, run with
 2 threads. Inputs are random images and tokens, with caption lengths drawn from RSITMD's word-count histogram
 (`hvsa_speed.CAPTION_WORD_COUNTS`). Each part is timed alone, in ms per step, as the median of `--reps` calls after
@@ -41,7 +41,7 @@ from absl import flags
 from torch import nn
 
 from rsalign_jax import optimizers
-from rsalign_jax import train
+from rsalign_jax import experiment, train
 from rsalign_jax.data import pipeline
 from rsalign_jax.data import rsitmd
 from rsalign_jax.data import sources
@@ -87,11 +87,11 @@ def random_batch(config, batch_size, vocab_size, rng):
 
 def project_calls(config, batch):
   """{part: a blocking call of the project's jitted part}, and the project's parameter count."""
-  model, objective = train.build_model(config, _VOCAB.value), train.build_objective(config)
+  model, objective = experiment.build_model(config, _VOCAB.value), experiment.build_objective(config)
   schedule = optimizers.make_schedule(config, steps_per_epoch=100)
   tx = optimizers.make_optimizer(config, schedule)
   batch = jax.device_put(batch)
-  state = jax.jit(functools.partial(train.create_train_state, model=model, objective=objective, tx=tx,
+  state = jax.jit(functools.partial(experiment.create_train_state, model=model, objective=objective, tx=tx,
                                     example=jax.tree.map(lambda x: x[:16], batch)))(jax.random.key(0))
   params = state.params["model"]
   dropout_key = jax.random.key(1)

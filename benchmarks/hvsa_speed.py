@@ -27,7 +27,7 @@ from absl import app
 from absl import flags
 from PIL import Image
 
-from rsalign_jax import train
+from rsalign_jax import experiment, train
 from rsalign_jax.data import rsitmd
 from rsalign_jax.data import sources
 
@@ -184,7 +184,7 @@ def infer_child(batch_size):
   """{device info, image and text: per-call items/s} of the jitted towers on random images and tokens."""
   config = make_config(batch_size)
   vocab_size = timing.vocabulary_size(config)
-  model = train.build_model(config, vocab_size)
+  model = experiment.build_model(config, vocab_size)
   rng = np.random.default_rng(0)
   size = config.dataset.image_size
   images = rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)

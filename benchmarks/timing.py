@@ -1,8 +1,8 @@
 """Shared by the benchmark scripts: load a method config and time its jitted train step on random inputs.
 
-The batch is random images and tokens plus every per-image field the objective (`config.input.fields`) and the
-model's towers take, computed by `rsalign_jax.data.fields` from real records of the config's training split (so
-labels and metadata are realistic; only configs with fields need the dataset).
+The batch is random images and tokens plus every per-image field the model and the objective declare
+(`experiment.batch_fields`), computed by `rsalign_jax.data.fields` from real records of the config's training split
+(so labels and metadata are realistic; only configs with fields need the dataset).
 """
 import functools
 import importlib.util
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from rsalign_jax import optimizers
-from rsalign_jax import train
+from rsalign_jax import experiment, train
 from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import sources
 from rsalign_jax.runtime import sharding as sharding_lib
@@ -39,17 +39,17 @@ def time_train_step(config, image_size, steps=5):
   batch_size = config.input.batch_size
   rng = np.random.default_rng(0)
   vocab_size = vocabulary_size(config)
-  model, objective = train.build_model(config, vocab_size), train.build_objective(config)
+  model, objective = experiment.build_model(config, vocab_size), experiment.build_objective(config)
   batch = {"image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
            "tokens": rng.integers(1, vocab_size, size=(batch_size, config.text.max_len)).astype(np.int32),
            "lengths": rng.integers(8, 16, size=(batch_size,)).astype(np.int32),
            "image_id": np.arange(batch_size, dtype=np.int32),
-           **field_values(config, model, batch_size, vocab_size, rng)}
+           **field_values(config, model, objective, batch_size, vocab_size, rng)}
   batch = sharding_lib.to_global(batch, sharding_lib.batch_sharding(mesh))
   schedule = optimizers.make_schedule(config, steps_per_epoch=100)
   tx = optimizers.make_optimizer(config, schedule)
   with jax.set_mesh(mesh):
-    state = jax.jit(functools.partial(train.create_train_state, model=model, objective=objective, tx=tx,
+    state = jax.jit(functools.partial(experiment.create_train_state, model=model, objective=objective, tx=tx,
                                       example=jax.tree.map(lambda x: x[:16], batch)),
                     out_shardings=sharding_lib.replicated(mesh))(jax.random.key(0))
     start = time.time()
@@ -73,14 +73,14 @@ def time_train_step(config, image_size, steps=5):
 def vocabulary_size(config):
   """The WordPiece vocabulary's size for BERT-style text towers (pretrained embeddings), else a small word vocab."""
   if config.text.tokenizer == "wordpiece":
-    return train.load_tokenizer(config, [], workdir="").size
+    return experiment.load_tokenizer(config, [], workdir="").size
   return _VOCAB
 
 
-def field_values(config, model, batch_size, vocab_size, rng):
+def field_values(config, model, objective, batch_size, vocab_size, rng):
   """{name: (batch_size, ...)} of every field of the batch, from the first records of the training split (cycled)
   with random caption tokens."""
-  names = sorted(set(config.input.get("fields", ())) | set(train.model_fields(model)))
+  names = experiment.batch_fields(config, model, objective)
   if not names:
     return {}
   source = sources.open_split(config.dataset, config.dataset.train_split)

@@ -37,8 +37,6 @@ def get_config(arg=None):
                       hidden_dim=256, text_dropout=0.25, score_chunk_elements=1 << 23)
   config.loss_name = "amfmn"
   config.loss = dict(margin="dynamic" if arg.dynamic else 0.2, max_violation=False, gamma=0.6, beta=5.0)
-  if arg.dynamic:
-    config.input.fields = ("caption_set",)
   config.optimizer = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
   config.schedule = dict(name="warmup_step_decay", warmup_epochs=0, decay_every_epochs=2, decay_factor=0.7)
   config.total_epochs = 6

@@ -13,6 +13,7 @@ the same towers and hash heads on the human captions, without the spacetime inpu
 METHODS 4.2 suggests (256 px, ResNet-18 width 64, 4-layer d-512 text transformer, 64 bits).
 """
 from rsalign_jax import configlib
+from rsalign_jax.data import fields
 
 REAL_DATASETS = ("rsicd", "rsitmd", "ucm", "sydney")
 
@@ -22,12 +23,12 @@ def get_config(arg=None):
   config = configlib.base_config(arg)
 
   config.dataset.captions = "metadata_prompt"
-  config.input.fields = ("scene",)
   config.model_name = "ccls2t"
   # CPU size: 80 px, half-width ResNet-18 over the image and its 40 px copy, a 2-layer d-128 text transformer (at
   # d 256 its ~13 GFLOP forward per batch of 33-token prompts rivals the ResNet's ~15; d 128 makes it a quarter).
   config.model = dict(embed_dim=256, resnet_depth=18, resnet_width=32, scales=(1, 2), fusion_heads=4, text_width=128,
-                      text_depth=2, text_heads=4, max_text_len=64, text_dropout=0.1, hash_bits=64, spacetime=True)
+                      text_depth=2, text_heads=4, max_text_len=64, text_dropout=0.1, hash_bits=64, spacetime=True,
+                      spacetime_dim=fields.SPACETIME_DIM)
   config.loss_name = "ccls2t"
   config.loss = dict(mid_weight=0.5, hash_loss="contrastive", hash_positives="scene", hash_weight=1.0,
                      quantization_weight=0.1, balance_weight=0.1, spacetime_weight=1.0, impl="global", block_size=0)
@@ -38,7 +39,6 @@ def get_config(arg=None):
 
   if arg.dataset in REAL_DATASETS:
     config.dataset.captions = "captions"
-    config.input.fields = ()
     config.model = dict(embed_dim=512, resnet_depth=18, resnet_width=64, scales=(1, 2), fusion_heads=8,
                         text_width=512, text_depth=4, text_heads=8, max_text_len=64, text_dropout=0.1, hash_bits=64,
                         spacetime=False)

@@ -33,7 +33,6 @@ def get_config(arg=None):
   config.loss_name = "ccnet"
   config.loss = dict(num_classes=num_classes, class_weight=1.0 if num_classes else 0.0, temperature=0.07,
                      max_scale=100.0)
-  config.input.fields = ("scene",) if num_classes else ()
   config.optimizer = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)
   # 4 epochs, the last at lr / 10: a 6-epoch run (decay in epoch 6) reached test mR 29.0 (random init 1.1) but
   # needs ~20 CPU-minutes; val mR was 36.2 after epoch 4 of it.

@@ -42,7 +42,6 @@ def get_config(arg=None):
   # class_weight 1 the CE terms were swamped (CE rose from 3.0 = log 21 to 4.4 in epoch 1), hence class_weight 20.
   config.loss = dict(margin=0.2, same_label_factor=0.5, class_weight=20.0, negatives="sum", impl="global",
                      block_size=0)
-  config.input.fields = ("scene",)
   config.optimizer = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)
   config.schedule = dict(name="warmup_step_decay", warmup_epochs=1, decay_every_epochs=6, decay_factor=0.1)
   config.total_epochs = 6

@@ -86,7 +86,7 @@ def base_config(arg):
   # elements are sharded over the mesh's 'fsdp' axis; compute_dtype is the towers' activation/matmul dtype (params,
   # losses and embeddings stay float32); grad_cache_chunk > 0 computes each step by gradient caching in chunks of
   # that many examples (the exact full-batch gradient with one chunk's activation memory).
-  # Pretrained weights (`train.load_pretrained`): name -> dict(format='<rsalign_jax.weights module>.<loader>',
+  # Pretrained weights (`experiment.load_pretrained`): name -> dict(format='<rsalign_jax.weights module>.<loader>',
   # checkpoint=PATH, into='params/model/<tower>'); entries with an empty checkpoint are skipped.
   config.init = ml_collections.ConfigDict()
   # Frozen towers computed once (`rsalign_jax.trunk_cache`): views > 0 trains the heads on cached trunk outputs of

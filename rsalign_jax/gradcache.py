@@ -38,7 +38,7 @@ def gradcache_value_and_grad(embed_fn, loss_fn, params, batch, *, chunk_size, rn
     embed_fn: (model_params, chunk, rng) -> (embeddings, state): a pytree of (chunk_size, ...) per-example arrays
       and a float pytree (e.g. updated BN `batch_stats`, or {}) that is averaged over the chunks.
     loss_fn: (objective_params, embeddings, batch) -> (loss, aux) on the whole batch's embeddings.
-    params: {"model": model_params, "objective": objective_params} (`train.TrainState.params`; either may be {}).
+    params: {"model": model_params, "objective": objective_params} (`experiment.TrainState.params`; either may be {}).
     batch: pytree of (B, ...) arrays; chunked for embed_fn, whole for loss_fn.
     chunk_size: examples per forward/backward chunk; must divide B.
     rng: PRNG key; chunk k uses `fold_in(rng, k)` in both of its passes.

@@ -18,19 +18,17 @@ seeds and head variants share one cache and any change recomputes it. `dir` defa
 dataset's tfds build.
 """
 import hashlib
-import importlib
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rsalign_jax.data import preprocessing, sources
+from rsalign_jax.models import base as model_base
 from rsalign_jax.runtime import metric_writer
 
 log = metric_writer.log
-TOWERS = ("image", "text")
 MAX_VIEWS = 8
 TRAIN_PP, EVAL_PP = "random_view", "view(0)"  # the preprocessing of cached image inputs
 
@@ -44,7 +42,7 @@ def cached_towers(config) -> tuple[str, ...]:
   views = config.trunk_cache.views
   if not 1 <= views <= MAX_VIEWS:
     raise ValueError(f"trunk_cache.views={views}: expected 1..{MAX_VIEWS} dihedral views (0 turns caching off)")
-  frozen = tuple(t for t in TOWERS if t in config.model.get("frozen", ()))
+  frozen = tuple(t for t in model_base.TOWER_NAMES if t in config.model.get("frozen", ()))
   if not frozen:
     raise ValueError("trunk_cache.views > 0 caches frozen towers' outputs, but model.frozen names none; freeze "
                      "the image and/or text tower (e.g. frozen=image+text) or set trunk_cache.views=0")
@@ -61,8 +59,8 @@ def fingerprint(config, tower: str) -> str:
   """A short hash of everything that determines the tower's cached trunk outputs (any seed, any split, any heads:
   the model's HEAD_FIELDS are left out)."""
   init = {name: dict(entry) for name, entry in dict(config.get("init") or {}).items()}
-  model_class = importlib.import_module(f"rsalign_jax.models.{config.model_name}").Model
-  model = {k: v for k, v in config.model.to_dict().items() if k not in getattr(model_class, "HEAD_FIELDS", ())}
+  head_fields = model_base.model_class(config.model_name).HEAD_FIELDS
+  model = {k: v for k, v in config.model.to_dict().items() if k not in head_fields}
   image = tower == "image"
   keys = dict(model_name=config.model_name, model=model, init=init,
               compute_dtype=config.get("compute_dtype", "float32"), dataset=config.dataset.to_dict(),
@@ -123,10 +121,11 @@ class TrunkCache:
       raise ValueError("trunk_cache.views > 0 runs in one process (the cache is computed and read locally); "
                        "set trunk_cache.views=0 for multi-process training")
     self.towers = cached_towers(config)
-    lacking = [f"{t}_trunk" for t in self.towers if not hasattr(full_model, f"{t}_trunk")]
+    lacking = sorted(set(self.towers) - set(full_model.TRUNKS))
     if lacking:
-      raise ValueError(f"trunk_cache.views > 0: model {config.model_name!r} has no {' / '.join(lacking)} method "
-                       "(models/dual_encoder.py, hvsa.py and amfmn.py have them); set trunk_cache.views=0")
+      raise ValueError(f"trunk_cache.views > 0 caches the frozen {' and '.join(lacking)} trunk(s), but model "
+                       f"{config.model_name!r} splits only {full_model.TRUNKS or 'no towers'} into trunk and heads "
+                       "(its TRUNKS); freeze other towers or set trunk_cache.views=0")
     self._config, self._variables_fn, self._vocab = config, trunk_variables_fn, vocab
     self._variables = None
     self._views = config.trunk_cache.views

@@ -29,3 +29,10 @@ def runlocal_config(tmp_path_factory, name="hvsa", arg="runlocal", **overrides):
       node = node[parent]
     node[leaf] = value
   return config
+
+
+def write_wordpiece_vocab(path):
+  """A 10-entry BERT vocab.txt ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, ...) at `path`; returns the path."""
+  path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "plane", "##s", "the", "air", "##port"])
+                  + "\n")
+  return path

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, runlocal_config
+from helpers import load_config, runlocal_config, write_wordpiece_vocab
 from rsalign_jax import train
+from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
 from rsalign_jax.losses import amfmn as amfmn_loss
 from rsalign_jax.models import amfmn
 
@@ -128,7 +129,7 @@ def test_model_call_scores_the_batch_with_the_evaluator_score():
   v = model.apply(variables, images, train=False, method="embed_images")
   t = model.apply(variables, tokens, lengths, train=False, method="embed_texts")
   np.testing.assert_allclose(outputs["scores"], model.apply(variables, v, t, method="score"), rtol=1e-6)
-  assert outputs["scores"].shape == (3, 3) and int(outputs["unk_token"]) == 8
+  assert set(outputs) == {"scores"} and outputs["scores"].shape == (3, 3)
   assert np.all(t >= 0)
 
 
@@ -241,18 +242,33 @@ def test_dynamic_margin_objective_equals_numpy(hardest):
   ids = np.array([0, 1, 2, 3, 4, 4])
   prior = np.array([[_prior(SETS[i % 2], c, UNK) for c in CAPTIONS] for i in range(6)])
   margins = 0.6 * (np.exp(5.0) - np.exp(5.0 * prior)) / (np.exp(5.0) - 1)
-  objective = amfmn_loss.Objective(margin="dynamic", max_violation=hardest, gamma=0.6, beta=5.0)
+  objective = amfmn_loss.Objective(margin="dynamic", max_violation=hardest, gamma=0.6, beta=5.0, unk_token=UNK)
   batch = {"image_id": ids, "tokens": tokens, "caption_set": sets}
-  loss, _ = objective.apply({}, {"scores": scores, "unk_token": jnp.int32(UNK)}, batch)
+  loss, _ = objective.apply({}, {"scores": scores}, batch)
   assert float(loss) == pytest.approx(_hinge_reference(scores, ids, margins, hardest), rel=1e-5)
 
 
-def test_objective_errors_are_clear():
-  outputs, batch = {"scores": np.eye(2), "unk_token": jnp.int32(UNK)}, {"image_id": np.arange(2)}
-  with pytest.raises(ValueError, match=r"config.input.fields = \('caption_set',\)"):
-    amfmn_loss.Objective(margin="dynamic").apply({}, outputs, batch)
+def test_objective_declares_its_field_and_errors_are_clear():
+  assert amfmn_loss.Objective(margin="dynamic").batch_fields == ("caption_set",)
+  assert amfmn_loss.Objective(margin=0.2).batch_fields == ()
+  outputs, batch = {"scores": np.eye(2)}, {"image_id": np.arange(2)}
   with pytest.raises(ValueError, match="loss.margin='fixed': expected a number or 'dynamic'"):
     amfmn_loss.Objective(margin="fixed").apply({}, outputs, batch)
+  dynamic_batch = {**batch, "tokens": np.ones((2, 3), np.int32), "caption_set": np.ones((2, 5, 3), np.int32)}
+  with pytest.raises(ValueError, match="loss.margin='dynamic' needs the tokenizer's <unk> id"):
+    amfmn_loss.Objective(margin="dynamic").apply({}, outputs, dynamic_batch)
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "wordpiece"])
+def test_the_unk_id_comes_from_the_tokenizer(tokenizer, tmp_path):
+  if tokenizer == "word":
+    vocab = WordVocab.build(["two planes near a runway"] * 5, min_count=1)
+    expected = vocab.word2idx["<unk>"]
+  else:
+    vocab = WordPieceTokenizer(write_wordpiece_vocab(tmp_path / "vocab.txt"))
+    expected = 1  # [UNK] is the vocab.txt's second line, not its last
+  objective = amfmn_loss.Objective.from_config({"margin": "dynamic"}, vocab)
+  assert objective.unk_token == vocab.unk_id == expected
 
 
 # ---------------------------------------------------------------- configs and trainer
@@ -271,7 +287,7 @@ def test_configs():
   assert paper.input.pp_train == "decode|resize(278)|random_crop(256)|normalize"
   assert load_config("amfmn", "rsicd").optimizer.lr == 1e-4
   dynamic = load_config("amfmn", "rsitmd,dynamic,att=fusion_att")
-  assert dynamic.loss.margin == "dynamic" and tuple(dynamic.input.fields) == ("caption_set",)
+  assert dynamic.loss.margin == "dynamic"
   assert dynamic.model.att_type == "fusion_att"
 
 

@@ -10,6 +10,7 @@ import pytest
 from helpers import config_module, load_config, runlocal_config
 from rsalign_jax import train
 from rsalign_jax.losses import ccnet as ccnet_loss
+from rsalign_jax.losses import contrastive
 from rsalign_jax.losses import labels as labels_lib
 from rsalign_jax.models import ccnet
 from rsalign_jax.models import skipthoughts
@@ -244,10 +245,10 @@ def numpy_affiliation(images, texts, labels, scale):
   return 0.5 * (term(images, "txt") + term(texts, "img"))
 
 
-def test_infonce_equals_numpy_with_repeated_image_ids():
+def test_infonce_of_a_score_matrix_equals_numpy_with_repeated_image_ids():
   rng = np.random.default_rng(0)
   scores, ids = rng.uniform(-1, 1, size=(6, 6)), np.array([3, 1, 3, 2, 1, 3])
-  got = ccnet_loss.score_matrix_infonce(jnp.asarray(scores), jnp.asarray(ids), log_scale=np.log(1 / 0.07))
+  got = contrastive.logits_loss(jnp.asarray(scores / 0.07), jnp.asarray(ids))
   np.testing.assert_allclose(got, numpy_infonce(scores, ids, 1 / 0.07), rtol=1e-5)
 
 
@@ -282,12 +283,11 @@ def test_objective_combines_itc_and_class_term():
   cls = numpy_affiliation(np.asarray(outputs["image_embedding"]), np.asarray(outputs["text_embedding"]), scene,
                           1 / 0.07)
   np.testing.assert_allclose([metrics["itc"], metrics["cls"], loss], [itc, cls, itc + 0.5 * cls], rtol=1e-5)
-  with pytest.raises(ValueError, match=r"needs the scene labels: set config.input.fields = \('scene',\)"):
-    objective.apply(variables, outputs, {"image_id": batch["image_id"]})
+  assert objective.batch_fields == ("scene",)
   without = ccnet_loss.Objective(num_classes=0, class_weight=0.0)
   loss, metrics = without.apply(variables, outputs, {"image_id": batch["image_id"]})
   np.testing.assert_allclose(loss, itc, rtol=1e-5)
-  assert "cls" not in metrics
+  assert "cls" not in metrics and without.batch_fields == ()
 
 
 # ---------------------------------------------------------------- config and trainer
@@ -302,9 +302,9 @@ def test_config_class_counts_match_the_dataset_builders():
                                 "sydney": 0}
   for dataset in ("synthetic", "rsicd", "rsitmd", "ucm"):
     config = module.get_config(dataset)
-    assert config.loss.num_classes == module.NUM_CLASSES[dataset] and config.input.fields == ("scene",)
+    assert config.loss.num_classes == module.NUM_CLASSES[dataset] and config.loss.class_weight > 0
   sydney = module.get_config("sydney")
-  assert sydney.loss.class_weight == 0.0 and sydney.input.fields == ()
+  assert sydney.loss.class_weight == 0.0
 
 
 def test_runlocal_trains_and_writes_results(tmp_path_factory):

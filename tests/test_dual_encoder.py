@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config, runlocal_config
-from rsalign_jax import train
+from rsalign_jax import experiment, train
 from rsalign_jax.losses import clip as clip_loss
 from rsalign_jax.models import dual_encoder, text_transformer, vit
 from rsalign_jax.weights import common
@@ -177,7 +177,7 @@ def test_bert_config_uses_wordpiece_and_imports_minilm():
   assert config.init.text.to_dict() == dict(format="bert.load", checkpoint=minilm, into="params/model/text_encoder")
   assert not load_config("clip", "text_tower=bert").init
   # What the trainer does with config.init: the text tower's leaves become MiniLM's, the rest stays as it was.
-  model = train.build_model(config, vocab_size=30522)
+  model = experiment.build_model(config, vocab_size=30522)
   images, tokens, lengths = batch(rows=2, size=80)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens, lengths, train=False))
   tree = {"params": {"model": variables["params"], "objective": {}}, "batch_stats": variables["batch_stats"]}

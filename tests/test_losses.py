@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsalign_jax.losses import contrastive, hashing, hvsa, labels, sigmoid, similarity, triplet, uniformity
+from rsalign_jax import similarity
+from rsalign_jax.losses import contrastive, hashing, hvsa, labels, sigmoid, triplet, uniformity
 
 
 def numpy_difficulty_weighted(scores, margin, beta):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsalign_jax.losses import contrastive, hashing, labels, sigmoid, similarity, triplet, uniformity
+from rsalign_jax import similarity
+from rsalign_jax.losses import contrastive, hashing, labels, sigmoid, triplet, uniformity
 from rsalign_jax.runtime import sharding
 
 B, D = 32, 8  # 4 rows per device

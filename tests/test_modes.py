@@ -20,9 +20,10 @@ from tensorboardX.proto import event_pb2
 
 from helpers import CONFIGS, runlocal_config
 from rsalign_jax import main as main_lib
-from rsalign_jax import train
+from rsalign_jax import experiment, train
 from rsalign_jax.evaluation import metrics as metrics_lib
-from rsalign_jax.losses.similarity import cosine_similarity
+from rsalign_jax.similarity import cosine_similarity
+from rsalign_jax.models import base as model_base
 from rsalign_jax.modes import evaluate, export, search
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import checkpointing
@@ -158,12 +159,13 @@ def test_command_line_eval(run, capsys, monkeypatch):
   assert f"| {results['test']['mR']:.2f} | {results['test']['rsum']:.2f} |" in capsys.readouterr().out
 
 
-class BagOfWords(nn.Module):
+class BagOfWords(model_base.RetrievalModel):
   """Oracle towers for testing search: a caption's embedding is its bag of words, an image's the bag of words of
   its 5 captions (the `caption_set` field); the score is the cosine."""
   vocab_size: int
   dtype: Any = jnp.float32
   IMAGE_FIELDS = ("caption_set",)
+  HASH_CODES = True
 
   def setup(self):
     self.scale = self.param("scale", nn.initializers.ones, ())  # the train state needs a parameter
@@ -206,7 +208,7 @@ def oracle(tmp_path_factory, monkeypatch):
   config.model_name, config.model = "bag_of_words_oracle", {}
   workdir = tmp_path_factory.mktemp("oracle")
   mesh = trained_lib.make_mesh(config)
-  setup = train.build_setup(config, str(workdir), mesh)
+  setup = experiment.build_setup(config, str(workdir), mesh)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.key(0))
   checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"))
   checkpointer.save(0, state)

@@ -9,8 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import runlocal_config
-from rsalign_jax import optimizers, train
+from rsalign_jax import experiment, optimizers, train
 from rsalign_jax.losses import hvsa as hvsa_objective
+from rsalign_jax.models import base as model_base
 from rsalign_jax.runtime import sharding as sharding_lib
 
 VOCAB = 50
@@ -30,7 +31,7 @@ def run_steps(config, model, objective, mesh, state_sharding_fn, steps=2, grad_c
   schedule = optimizers.make_schedule(config, steps_per_epoch=10)
   tx = optimizers.make_optimizer(config, schedule)
   with jax.set_mesh(mesh):
-    init_fn = functools.partial(train.create_train_state, model=model, objective=objective, tx=tx,
+    init_fn = functools.partial(experiment.create_train_state, model=model, objective=objective, tx=tx,
                                 example=jax.tree.map(jnp.asarray, batch))
     shardings = state_sharding_fn(jax.eval_shape(init_fn, jax.random.key(0)))
     state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
@@ -64,7 +65,7 @@ def test_fsdp_shards_large_parameters_and_their_moments_and_trains_identically(t
   # eps=1: Adam's update is then ~ the gradient, so float32 reduction-order noise (a different sharding sums in a
   # different order) is not amplified into sign flips of near-zero gradients, as in tests/test_distributed.py.
   config = runlocal_config(tmp_path_factory, **{"loss.impl": "ring", "optimizer.eps": 1.0})
-  model, objective = train.build_model(config, VOCAB), train.build_objective(config)
+  model, objective = experiment.build_model(config, VOCAB), experiment.build_objective(config)
   plain_mesh, fsdp_mesh = sharding_lib.make_mesh(), sharding_lib.make_mesh(fsdp=4)
   assert dict(fsdp_mesh.shape) == {"data": 2, "fsdp": 4}
   shard = functools.partial(sharding_lib.state_shardings, mesh=fsdp_mesh, patterns=("model/.*",), min_size=1000)
@@ -93,7 +94,7 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
 
 def test_bfloat16_compute_keeps_float32_params_and_embeddings(tmp_path_factory):
   config = runlocal_config(tmp_path_factory, compute_dtype="bfloat16")
-  model = train.build_model(config, VOCAB)
+  model = experiment.build_model(config, VOCAB)
   batch = jax.tree.map(jnp.asarray, synthetic_batch(config, rows=4))
   variables = model.init(jax.random.key(0), batch["image"], batch["tokens"], batch["lengths"], train=False)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
@@ -102,25 +103,34 @@ def test_bfloat16_compute_keeps_float32_params_and_embeddings(tmp_path_factory):
   embeddings = model.apply(variables, batch["image"], batch["tokens"], batch["lengths"], train=False)
   assert {x.dtype for x in jax.tree.leaves(embeddings)} == {jnp.dtype("float32")}
 
-  float32_model = train.build_model(runlocal_config(tmp_path_factory), VOCAB)
+  float32_model = experiment.build_model(runlocal_config(tmp_path_factory), VOCAB)
   reference = float32_model.apply(variables, batch["image"], batch["tokens"], batch["lengths"], train=False)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05), embeddings, reference)
   with pytest.raises(ValueError, match="compute_dtype='int8': expected one of"):
-    train.build_model(runlocal_config(tmp_path_factory, compute_dtype="int8"), VOCAB)
+    experiment.build_model(runlocal_config(tmp_path_factory, compute_dtype="int8"), VOCAB)
 
 
-class TwoTowers(nn.Module):
+class TwoTowers(model_base.RetrievalModel):
   """Per-example embeddings, no BatchNorm and no dropout (grad caching draws dropout masks per chunk): the cached
   step is then exactly the direct one."""
   vocab_size: int
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.image, self.embed, self.text = nn.Dense(8), nn.Embed(self.vocab_size, 8), nn.Dense(8)
+
+  def embed_images(self, images, *, train):
+    return self.image(images.reshape(images.shape[0], -1))
+
+  def embed_texts(self, tokens, lengths, *, train):
+    return self.text(self.embed(tokens).mean(axis=1))
+
+  def score(self, image_embedding, text_embedding):
+    return image_embedding @ text_embedding.T
+
   def __call__(self, images, tokens, lengths, *, train):
-    image = nn.Dense(8, name="image")(images.reshape(images.shape[0], -1))
-    words = nn.Embed(self.vocab_size, 8, name="embed")(tokens)
-    text = nn.Dense(8, name="text")(words.mean(axis=1))
-    return {"image_embedding": image, "text_embedding": text}
+    return {"image_embedding": self.embed_images(images, train=train),
+            "text_embedding": self.embed_texts(tokens, lengths, train=train)}
 
 
 def test_grad_cache_step_equals_the_direct_step(tmp_path_factory):
@@ -135,7 +145,8 @@ def test_grad_cache_step_equals_the_direct_step(tmp_path_factory):
 
 
 class PairwiseScores(TwoTowers):
-  @nn.compact
+  PAIRWISE = True
+
   def __call__(self, images, tokens, lengths, *, train):
     outputs = super().__call__(images, tokens, lengths, train=train)
     return {"scores": outputs["image_embedding"] @ outputs["text_embedding"].T}
@@ -143,9 +154,9 @@ class PairwiseScores(TwoTowers):
 
 def test_grad_cache_refuses_pairwise_model_outputs(tmp_path_factory, monkeypatch):
   config = runlocal_config(tmp_path_factory, grad_cache_chunk=8)
-  monkeypatch.setattr(train, "build_model", lambda config, vocab_size: PairwiseScores(vocab_size))
-  with pytest.raises(ValueError, match=r"grad_cache_chunk needs per-example model outputs.*\['scores'\]"):
-    train.build_setup(config, str(tmp_path_factory.mktemp("pairwise")), sharding_lib.make_mesh())
+  monkeypatch.setattr(experiment, "build_model", lambda config, vocab_size: PairwiseScores(vocab_size))
+  with pytest.raises(ValueError, match=r"grad_cache_chunk=8: model 'hvsa' is PAIRWISE .* set grad_cache_chunk=0"):
+    experiment.build_setup(config, str(tmp_path_factory.mktemp("pairwise")), sharding_lib.make_mesh())
 
 
 def test_trainer_runs_with_fsdp_bfloat16_and_grad_caching(tmp_path_factory):

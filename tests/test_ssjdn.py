@@ -259,11 +259,8 @@ def test_objective_without_labels_is_plain_vse_plus_plus():
   np.testing.assert_allclose(loss, vse, rtol=1e-6)
 
 
-def test_objective_without_scene_field_is_a_clear_error():
-  outputs, batch = _batch([0, 1, 2])
-  del batch["scene"]
-  with pytest.raises(ValueError, match=r"config.input.fields = \('scene',\)"):
-    ssjdn_loss.Objective().apply({}, outputs, batch)
+def test_objective_declares_the_scene_field():
+  assert ssjdn_loss.Objective().batch_fields == ("scene",)
 
 
 # ---------------------------------------------------------------- config and trainer
@@ -271,8 +268,7 @@ def test_objective_without_scene_field_is_a_clear_error():
 
 def test_config_classes_follow_the_dataset_and_sydney_is_refused():
   default = load_config("ssjdn")
-  assert (default.dataset.name, default.model.num_classes, default.input.fields) == ("synthetic_rs/small", 21,
-                                                                                     ("scene",))
+  assert (default.dataset.name, default.model.num_classes) == ("synthetic_rs/small", 21)
   assert default.dataset.image_size == 80 and default.model.resnet_width == 32
   counts = {name: load_config("ssjdn", name).model.num_classes for name in ("rsicd", "rsitmd", "ucm")}
   assert counts == {"rsicd": 30, "rsitmd": 33, "ucm": 21}

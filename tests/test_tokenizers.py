@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import write_wordpiece_vocab
 from rsalign_jax.data.tokenizers import UNK, WordPieceTokenizer, WordVocab, split_words
 
 CAPTIONS = ["Many planes are parked near the terminal .", "some planes are parked in an airport .",
@@ -58,12 +59,6 @@ def test_load_errors_name_the_file(tmp_path):
     WordVocab.load(tmp_path / "list.json")
   with pytest.raises(ValueError, match="stopwords"):
     WordVocab.build(CAPTIONS, stopwords="remove")
-
-
-def write_wordpiece_vocab(path):
-  path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "plane", "##s", "the", "air", "##port"])
-                  + "\n")
-  return path
 
 
 def test_wordpiece_tokenizer_splits_subwords_pads_and_truncates(tmp_path):

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import SHARED_DATA, load_config, runlocal_config
-from rsalign_jax import optimizers, train
+from rsalign_jax import experiment, optimizers, train
 
 RSICD_AID150 = SHARED_DATA / "rsicd_aid150"
 
@@ -116,16 +116,16 @@ def test_hvsa_trains_on_real_rsicd(tmp_path_factory):
 def test_tokenizer_choice_errors_are_clear(tmp_path):
   config = runlocal_config_for_text(tokenizer="wordpiece")
   with pytest.raises(ValueError, match="needs text.vocab_file"):
-    train.load_tokenizer(config, [], str(tmp_path))
+    experiment.load_tokenizer(config, [], str(tmp_path))
   config = runlocal_config_for_text(tokenizer="sentencepiece")
   with pytest.raises(ValueError, match="text.tokenizer='sentencepiece'"):
-    train.load_tokenizer(config, [], str(tmp_path))
+    experiment.load_tokenizer(config, [], str(tmp_path))
 
 
 def test_word_vocabulary_is_built_once_and_reused_from_the_workdir(tmp_path):
   config = runlocal_config_for_text(tokenizer="word", min_count=1)
-  built = train.load_tokenizer(config, ["two planes", "one ship"], str(tmp_path))
-  reloaded = train.load_tokenizer(config, ["completely different words"], str(tmp_path))
+  built = experiment.load_tokenizer(config, ["two planes", "one ship"], str(tmp_path))
+  reloaded = experiment.load_tokenizer(config, ["completely different words"], str(tmp_path))
   assert reloaded.word2idx == built.word2idx and "planes" in reloaded.word2idx
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import runlocal_config
-from rsalign_jax import train, trunk_cache
+from rsalign_jax import experiment, train, trunk_cache
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
 from rsalign_jax.modes import export, search
 from rsalign_jax.modes import trained as trained_lib
@@ -171,7 +171,7 @@ def test_refusals_name_the_field():
     dual_encoder.Model(vocab_size=5, precomputed=("image",)).init(
         jax.random.key(0), jnp.zeros((1, 8)), jnp.zeros((1, 4), jnp.int32), jnp.ones(1, jnp.int32), train=False)
   model = amfmn.Model(vocab_size=5, frozen=("image",), precomputed=("image",))
-  with pytest.raises(ValueError, match=r"reads? the image maps \('f1', 'f2', 'f3', 'f4'\)"):
+  with pytest.raises(ValueError, match=r"amfmn splits only the towers \('text',\) into trunk and heads"):
     model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 512)), jnp.zeros((1, 4), jnp.int32), jnp.ones(1, jnp.int32),
                train=False)
 
@@ -179,12 +179,12 @@ def test_refusals_name_the_field():
 def test_config_refusals(tmp_path_factory):
   unfrozen = runlocal_config(tmp_path_factory, "clip", "runlocal", **{"trunk_cache.views": 2})
   with pytest.raises(ValueError, match="model.frozen names none; freeze the image and/or text tower"):
-    train.build_setup(unfrozen, str(tmp_path_factory.mktemp("unfrozen")), sharding_lib.make_mesh())
+    experiment.build_setup(unfrozen, str(tmp_path_factory.mktemp("unfrozen")), sharding_lib.make_mesh())
   too_many = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 9})
   with pytest.raises(ValueError, match=r"trunk_cache.views=9: expected 1..8 dihedral views"):
     trunk_cache.cached_towers(too_many)
   head_frozen = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 1})
   head_frozen.optimizer.frozen = tuple(head_frozen.optimizer.frozen) + ("model/image_projection/.*",)
   with pytest.raises(ValueError, match=r"optimizer.frozen matches \['model/image_projection/kernel'\]"):
-    train.build_setup(head_frozen, str(tmp_path_factory.mktemp("head_frozen")),
+    experiment.build_setup(head_frozen, str(tmp_path_factory.mktemp("head_frozen")),
                       sharding_lib.make_mesh())

@@ -1,4 +1,4 @@
-"""Per-image record fields a method asks for in its batches (`config.input.fields`): labels, metadata, captions.
+"""Per-image record fields a method's model and objective declare for their batches: labels, metadata, captions.
 
 Each field is a function here, `name(record, image_tokens) -> numpy value`, looked up by name: adding a field is
 adding a function. `record` is a dataset record (features of the tfds builder, image still encoded) and
@@ -16,8 +16,9 @@ def scene(record, image_tokens):
   """The scene class (ClassLabel index; -1 where the dataset derives none) for class-supervised methods."""
   del image_tokens
   if "scene" not in record:
-    raise ValueError("input.fields asks for 'scene' but the dataset has no 'scene' feature (Sydney-Captions and "
-                     "user data carry no scene label)")
+    raise ValueError("the method reads the 'scene' field (its model's IMAGE_FIELDS/TEXT_FIELDS or its objective's "
+                     "batch_fields), but the dataset has no 'scene' feature (Sydney-Captions and user data carry no "
+                     "scene label)")
   return np.int32(record["scene"])
 
 
@@ -28,7 +29,7 @@ def caption_set(record, image_tokens):
   """(5, max_len) token ids of the image's captions, repeated in turn when it has fewer than 5 (AMFMN's prior
   similarity compares a caption with an image's references)."""
   if len(image_tokens) > CAPTION_SET_SIZE:
-    raise ValueError(f"input.fields 'caption_set': image {record.get('filename', '?')!r} has {len(image_tokens)} "
+    raise ValueError(f"field 'caption_set': image {record.get('filename', '?')!r} has {len(image_tokens)} "
                      f"captions; the field holds {CAPTION_SET_SIZE}")
   rows = np.resize(np.arange(len(image_tokens)), CAPTION_SET_SIZE)
   return np.asarray(image_tokens, np.int32)[rows]
@@ -69,7 +70,7 @@ def get(name):
   if name.startswith("_") or name in _HELPERS or getattr(function, "__module__", None) != __name__:
     known = sorted(k for k, v in globals().items() if getattr(v, "__module__", None) == __name__
                    and not k.startswith("_") and k not in _HELPERS)
-    raise ValueError(f"input.fields: unknown field {name!r}; known fields: {known} (rsalign_jax/data/fields.py)")
+    raise ValueError(f"unknown field {name!r}; known fields: {known} (rsalign_jax/data/fields.py)")
   return function
 
 

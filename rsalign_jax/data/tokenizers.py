@@ -65,6 +65,11 @@ class WordVocab:
     """Number of embedding rows needed: the largest id + 1 (row 0 is padding)."""
     return max(self.word2idx.values()) + 1
 
+  @property
+  def unk_id(self):
+    """The id of `<unk>` (out-of-vocabulary words, and stopwords in the papers' 'unk' mode)."""
+    return self.word2idx[UNK]
+
   def encode(self, caption):
     words = split_words(caption)
     if self.stopwords == "drop":
@@ -129,6 +134,11 @@ class WordPieceTokenizer:
   @property
   def size(self):
     return len(self._tokenizer)
+
+  @property
+  def unk_id(self):
+    """The id of [UNK]."""
+    return self._tokenizer.unk_token_id
 
   def encode_batch(self, captions, max_len):
     """(tokens (N, max_len) int32 0-padded, lengths (N,) int32 incl. [CLS]/[SEP], truncated count)."""

@@ -44,14 +44,10 @@ def open_split(setup, split):
   source = sources.open_split(config.dataset, split)
   index = sources.CaptionIndex.read(source)
   tokens, lengths, _ = setup.text_encoder(split, source).encode_batch(index.captions, config.text.max_len)
-  image_names, text_names = _field_names(setup.model)
+  image_names, text_names = setup.model.IMAGE_FIELDS, setup.model.TEXT_FIELDS
   values = fields_lib.read(source, index, tokens, sorted(set(image_names) | set(text_names)))
   return SplitData(split, source, setup.open_split(split, source), index, tokens, lengths,
                    {n: values[n] for n in image_names}, {n: values[n][index.record] for n in text_names})
-
-
-def _field_names(model):
-  return tuple(getattr(model, "IMAGE_FIELDS", ())), tuple(getattr(model, "TEXT_FIELDS", ()))
 
 
 def encode_queries(setup, queries):
@@ -74,7 +70,7 @@ def encode_queries(setup, queries):
 
 def free_text_fields(setup):
   """The (empty) fields of free-text queries: an error for models whose text tower needs per-image fields."""
-  _, text_names = _field_names(setup.model)
+  text_names = setup.model.TEXT_FIELDS
   if text_names:
     raise ValueError(f"model {setup.config.model_name!r}: its text tower needs the per-image fields {text_names}, "
                      "which a free-text query does not have; query with an image instead")
@@ -84,7 +80,7 @@ def free_text_fields(setup):
 def read_image_files(setup, paths):
   """Image files -> model image inputs: (N, H, W, 3) float32 with the config's eval preprocessing (then the image
   trunk's outputs, when the model reads cached ones)."""
-  image_names, _ = _field_names(setup.model)
+  image_names = setup.model.IMAGE_FIELDS
   if image_names:
     raise ValueError(f"model {setup.config.model_name!r}: its image tower needs the per-image fields "
                      f"{image_names}, which an image file does not have")
@@ -149,17 +145,12 @@ def embed_all(setup, variables, kind, batches):
   return jax.tree.map(lambda *parts: np.concatenate(parts), *embed(setup, variables, kind, batches))
 
 
-def has_codes(model):
-  """Whether the model has hash codes (CCLS2T's `image_codes` / `text_codes` methods)."""
-  return hasattr(model, "image_codes") and hasattr(model, "text_codes")
-
-
 def _tower(setup, kind):
   if kind not in KINDS:
     raise ValueError(f"unknown tower output {kind!r}; expected one of {KINDS}")
   if kind in ("images", "texts"):
     return getattr(setup.retrieval, f"embed_{kind}")
-  if not has_codes(setup.model):
+  if not setup.model.HASH_CODES:
     raise ValueError(f"model {setup.config.model_name!r} has no hash codes (no image_codes/text_codes methods); "
                      "use its float embeddings")
   key = (id(setup.model), setup.mesh, kind)

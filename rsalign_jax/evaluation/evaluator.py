@@ -109,3 +109,23 @@ def _pad_rows(array, size):
     return array
   pad = np.zeros((size - len(array),) + array.shape[1:], array.dtype)
   return np.concatenate([array, pad])
+
+
+class Retrieval:
+  """A model's jitted `embed_images`, `embed_texts` (replicated outputs over `mesh`) and `score`, shared by every
+  evaluator of a run."""
+
+  def __init__(self, model, mesh):
+    replicated = sharding_lib.replicated(mesh)
+    self.embed_images = jax.jit(
+        lambda v, images, fields: model.apply(v, images, **fields, train=False, method="embed_images"),
+        out_shardings=replicated)
+    self.embed_texts = jax.jit(
+        lambda v, tokens, lengths, fields: model.apply(v, tokens, lengths, **fields, train=False,
+                                                       method="embed_texts"),
+        out_shardings=replicated)
+    self.score = jax.jit(lambda v, images, texts: model.apply(v, images, texts, method="score"))
+
+  def evaluate(self, evaluator, variables):
+    """`evaluator`'s metrics for the model's `variables`."""
+    return evaluator.run(variables, self.embed_images, self.embed_texts, self.score)

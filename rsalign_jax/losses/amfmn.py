@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.losses.similarity import upcast
+from rsalign_jax.losses import base
+from rsalign_jax.similarity import upcast
 from rsalign_jax.losses.triplet import dynamic_margin, hinge_costs
 
 BLEU_ORDER = 4
@@ -105,16 +106,26 @@ def prior_similarity(caption_sets, captions, *, unk_token):
   return jax.lax.map(lambda refs: _image_prior(refs, captions, self_counts, unk_token), caption_sets)
 
 
-class Objective(nn.Module):
+class Objective(base.Objective):
   """AMFMN's hinge loss on `outputs['scores']` (module docstring).
 
   margin: a float, or 'dynamic' for alpha_ct(P) with `gamma` (max margin) and `beta` (decay), paper defaults
-  0.6 / 5; the dynamic margin needs `config.input.fields = ('caption_set',)`.
+  0.6 / 5; the dynamic margin reads the batch's `caption_set` field and treats `unk_token` (the tokenizer's
+  `<unk>` id, which `from_config` fills in) like a stopword.
   """
   margin: float | str = 0.2
   max_violation: bool = False
   gamma: float = 0.6
   beta: float = 5.0
+  unk_token: int = -1
+
+  @classmethod
+  def from_config(cls, loss_config, tokenizer):
+    return cls(**loss_config, unk_token=-1 if tokenizer is None else tokenizer.unk_id)
+
+  @property
+  def batch_fields(self):
+    return ("caption_set",) if self.margin == "dynamic" else ()
 
   @nn.compact
   def __call__(self, outputs, batch):
@@ -123,10 +134,10 @@ class Objective(nn.Module):
     negatives = ids[:, None] != ids[None, :]
     metrics = {}
     if self.margin == "dynamic":
-      if "caption_set" not in batch:
-        raise ValueError("loss.margin='dynamic' needs batch['caption_set']: set config.input.fields = "
-                         "('caption_set',)")
-      prior = prior_similarity(batch["caption_set"], batch["tokens"], unk_token=outputs["unk_token"])
+      if self.unk_token < 0:
+        raise ValueError("loss.margin='dynamic' needs the tokenizer's <unk> id (Objective.from_config(loss, "
+                         "tokenizer) sets unk_token)")
+      prior = prior_similarity(batch["caption_set"], batch["tokens"], unk_token=self.unk_token)
       margins = dynamic_margin(prior, gamma=self.gamma, beta=self.beta)
       metrics["mean_negative_margin"] = jnp.sum(jnp.where(negatives, margins, 0.0)) / jnp.maximum(
           jnp.sum(negatives), 1)

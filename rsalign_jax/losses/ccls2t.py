@@ -7,7 +7,7 @@
   log logit scale (init log 1/0.07, clipped at log 100 as in CLIP).
 - HASH on the relaxed codes h = tanh(W z): `hash_loss='contrastive'` (softmax_loss on h, own scale) or 'pairwise'
   (DCMH's pairwise likelihood, `hashing.pairwise_likelihood_loss`). Its positives are same-image pairs
-  (`hash_positives='image'`) or same-scene pairs ('scene', needs `scene` in `input.fields`): codes then serve
+  (`hash_positives='image'`) or same-scene pairs ('scene', reads the batch's `scene` field): codes then serve
   class-level image->image retrieval (CBRSIR) while the float embeddings stay instance-level.
 - Q = quantisation ||h - sign h||^2 and BAL = bit balance ||mean h||^2, both averaged over the two modalities and
   divided by the number of bits, so their weights do not depend on K.
@@ -19,6 +19,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rsalign_jax.losses import base
 from rsalign_jax.losses import hashing
 from rsalign_jax.losses.contrastive import softmax_loss
 
@@ -26,7 +27,7 @@ HASH_LOSSES = ("contrastive", "pairwise")
 HASH_POSITIVES = ("image", "scene")
 
 
-class Objective(nn.Module):
+class Objective(base.Objective):
   init_log_scale: float = math.log(1 / 0.07)
   max_log_scale: float = math.log(100.0)
   mid_weight: float = 0.5
@@ -38,6 +39,10 @@ class Objective(nn.Module):
   spacetime_weight: float = 1.0
   impl: str = "global"
   block_size: int = 0
+
+  @property
+  def batch_fields(self):
+    return ("scene",) if self.hash_positives == "scene" else ()
 
   def _clip(self, images, texts, ids, name):
     """softmax_loss with the learned, clipped log scale `log_scale_<name>`; returns (loss, log scale)."""
@@ -52,8 +57,6 @@ class Objective(nn.Module):
       raise ValueError(f"loss.hash_loss={self.hash_loss!r}: expected one of {HASH_LOSSES}")
     if self.hash_positives not in HASH_POSITIVES:
       raise ValueError(f"loss.hash_positives={self.hash_positives!r}: expected one of {HASH_POSITIVES}")
-    if self.hash_positives == "scene" and "scene" not in batch:
-      raise ValueError("loss.hash_positives='scene' needs 'scene' in input.fields")
     ids = batch["image_id"]
     final, log_scale = self._clip(outputs["image_embedding"], outputs["text_embedding"], ids, "final")
     mid, _ = self._clip(outputs["image_mid"], outputs["text_mid"], ids, "mid")

@@ -14,44 +14,33 @@ The abstract only says the loss learns cross-modal consistency by compacting int
   left out of both the centres and the average; a batch without labelled rows contributes 0.
 """
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from rsalign_jax.losses import base
+from rsalign_jax.losses import contrastive
 from rsalign_jax.losses.labels import class_affiliation_loss
-from rsalign_jax.losses.similarity import upcast
-
-def score_matrix_infonce(scores, ids, *, log_scale):
-  """1/2 [mean_i (lse_j L_ij - mean_{j: id_j = id_i} L_ij) + the same over columns], L = exp(log_scale) S.
-
-  scores: (B, B) image-row x caption-column similarities of the batch's pairs; ids: (B,) image ids.
-  """
-  logits = jnp.exp(upcast(log_scale)) * upcast(scores)
-  positives = ids[:, None] == ids[None, :]
-  positive_logits = jnp.where(positives, logits, 0.0)
-  num_positives = jnp.sum(positives, axis=1)  # symmetric: also the count per column
-  image_to_text = jax.nn.logsumexp(logits, axis=1) - jnp.sum(positive_logits, axis=1) / num_positives
-  text_to_image = jax.nn.logsumexp(logits, axis=0) - jnp.sum(positive_logits, axis=0) / num_positives
-  return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))
+from rsalign_jax.similarity import upcast
 
 
-class Objective(nn.Module):
+class Objective(base.Objective):
   """L_CD on the model's outputs `scores` (B, B), `image_embedding`, `text_embedding` (B, d) and batch `scene`."""
   num_classes: int = 0
   class_weight: float = 1.0
   temperature: float = 0.07
   max_scale: float = 100.0
 
+  @property
+  def batch_fields(self):
+    return ("scene",) if self.class_weight else ()
+
   @nn.compact
   def __call__(self, outputs, batch):
     log_scale = self.param("log_scale", lambda _: jnp.log(jnp.float32(1.0 / self.temperature)))
     log_scale = jnp.minimum(log_scale, jnp.log(self.max_scale))
-    itc = score_matrix_infonce(outputs["scores"], batch["image_id"], log_scale=log_scale)
+    itc = contrastive.logits_loss(jnp.exp(log_scale) * upcast(outputs["scores"]), batch["image_id"])
     metrics = {"itc": itc, "temperature": jnp.exp(-log_scale)}
     if not self.class_weight:
       return itc, metrics
-    if "scene" not in batch:
-      raise ValueError("loss.class_weight > 0 needs the scene labels: set config.input.fields = ('scene',), or "
-                       "loss.class_weight = 0 for a dataset without them (Sydney-Captions)")
     if self.num_classes < 1:
       raise ValueError(f"loss.num_classes={self.num_classes}: expected the dataset's number of scene classes")
     labels = batch["scene"]

@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rsalign_jax.losses import base
 from rsalign_jax.losses.contrastive import softmax_loss
 from rsalign_jax.losses.sigmoid import sigmoid_loss
 
@@ -19,7 +20,7 @@ KINDS = ("softmax", "sigmoid")
 MAX_LOG_SCALE = math.log(100.0)
 
 
-class Objective(nn.Module):
+class Objective(base.Objective):
   kind: str = "softmax"
   log_scale_init: float | None = None  # None: log(1/0.07) for softmax, log(10) for sigmoid
   bias_init: float = -10.0

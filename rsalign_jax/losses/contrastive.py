@@ -14,18 +14,24 @@ import jax.numpy as jnp
 from jax import lax
 
 from rsalign_jax.losses.collectives import LogSumExp, Sum, batch_ids, over_batch, results
-from rsalign_jax.losses.similarity import unit_cosine_similarity, upcast
+from rsalign_jax.similarity import unit_cosine_similarity, upcast
 from rsalign_jax.runtime.sharding import BATCH_AXES
 
 
-def _reference(images, texts, ids, log_scale):
-  logits = jnp.exp(log_scale) * unit_cosine_similarity(images, texts)
+def logits_loss(logits, ids):
+  """The loss above of a (B, B) image-row x caption-column logits matrix of the batch's pairs; ids: (B,) image ids.
+  For methods whose scores are not embedding cosines (CCNet's pairwise score)."""
+  logits = upcast(logits)
   positives = ids[:, None] == ids[None, :]
   positive_logits = jnp.where(positives, logits, 0.0)
   num_positives = jnp.sum(positives, axis=1)  # ids are symmetric: also the count per column
   image_to_text = jax.nn.logsumexp(logits, axis=1) - jnp.sum(positive_logits, axis=1) / num_positives
   text_to_image = jax.nn.logsumexp(logits, axis=0) - jnp.sum(positive_logits, axis=0) / num_positives
   return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))
+
+
+def _reference(images, texts, ids, log_scale):
+  return logits_loss(jnp.exp(log_scale) * unit_cosine_similarity(images, texts), ids)
 
 
 def _per_device(pairwise_stats, images, texts, ids, log_scale):

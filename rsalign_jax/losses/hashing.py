@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rsalign_jax.losses.collectives import Sum, batch_ids, over_batch, results
-from rsalign_jax.losses.similarity import pairwise_dot, upcast
+from rsalign_jax.similarity import pairwise_dot, upcast
 from rsalign_jax.runtime.sharding import BATCH_AXES
 
 

@@ -9,6 +9,7 @@ the uniformity term works on a 1/stride subsample and is always computed globall
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rsalign_jax.losses import base
 from rsalign_jax.losses.triplet import difficulty_weighted_loss
 from rsalign_jax.losses.uniformity import feature_uniformity
 
@@ -28,7 +29,7 @@ class AutoWeighting(nn.Module):
     return nn.softmax(nn.Dense(losses.shape[-1], use_bias=False, kernel_init=_torch_linear_init)(h))
 
 
-class Objective(nn.Module):
+class Objective(base.Objective):
   margin: float = 0.2
   beta: float = 0.5
   gamma: float = 2.0

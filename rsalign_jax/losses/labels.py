@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rsalign_jax.losses import contrastive, triplet
-from rsalign_jax.losses.similarity import l2_normalize, unit_cosine_similarity, upcast
+from rsalign_jax.similarity import l2_normalize, unit_cosine_similarity, upcast
 
 
 def semantic_guided_triplet_loss(images, texts, labels, ids=None, *, margin=0.2, same_label_factor=0.5,

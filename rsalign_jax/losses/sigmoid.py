@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rsalign_jax.losses.collectives import Sum, batch_ids, over_batch, results
-from rsalign_jax.losses.similarity import unit_cosine_similarity, upcast
+from rsalign_jax.similarity import unit_cosine_similarity, upcast
 from rsalign_jax.runtime.sharding import BATCH_AXES
 
 

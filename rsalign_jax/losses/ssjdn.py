@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rsalign_jax.losses import base
 from rsalign_jax.losses.labels import semantic_guided_triplet_loss
-from rsalign_jax.losses.similarity import upcast
+from rsalign_jax.similarity import upcast
 
 
 def stl_labels(scene):
@@ -35,7 +36,7 @@ def labelled_cross_entropy(logits, scene):
   return jnp.sum(jnp.where(labelled, nll, 0.0)) / count, jnp.sum(labelled & correct) / count
 
 
-class Objective(nn.Module):
+class Objective(base.Objective):
   margin: float = 0.2
   same_label_factor: float = 0.5
   class_weight: float = 1.0
@@ -43,10 +44,12 @@ class Objective(nn.Module):
   impl: str = "global"
   block_size: int = 0
 
+  @property
+  def batch_fields(self):
+    return ("scene",)
+
   @nn.compact
   def __call__(self, outputs, batch):
-    if "scene" not in batch:
-      raise ValueError("the ssjdn objective needs the scene labels: set config.input.fields = ('scene',)")
     scene = batch["scene"]
     stl = semantic_guided_triplet_loss(outputs["image_embedding"], outputs["text_embedding"], stl_labels(scene),
                                        batch["image_id"], margin=self.margin,

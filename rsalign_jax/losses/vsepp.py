@@ -6,10 +6,11 @@ real-data table: negatives='hardest' is VSE++, 'sum' is VSE0. Captions of the sa
 """
 import flax.linen as nn
 
+from rsalign_jax.losses import base
 from rsalign_jax.losses.triplet import NEGATIVES, vse_loss
 
 
-class Objective(nn.Module):
+class Objective(base.Objective):
   margin: float = 0.2
   negatives: str = "hardest"
   impl: str = "global"

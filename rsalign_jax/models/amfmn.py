@@ -37,7 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.losses.similarity import pairwise_dot
+from rsalign_jax.similarity import pairwise_dot
+from rsalign_jax.models import base
 from rsalign_jax.models import convolution
 from rsalign_jax.models import layers
 from rsalign_jax.models import towers
@@ -161,9 +162,10 @@ class CrossAttention(nn.Module):
     return map_image_blocks(scores, (visual, visual_proj), block)
 
 
-class Model(towers.SwappableTowers, nn.Module):
+class Model(towers.SwappableTowers, base.RetrievalModel):
   """AMFMN's towers and its image-conditioned score (module docstring)."""
-  IMAGE_MAPS = ("f1", "f2", "f3", "f4")
+  PAIRWISE = True
+  TRUNKS = ("text",)  # the heads read every image map, the image trunk cache holds only the last
   vocab_size: int
   embed_dim: int = 512
   resnet_depth: int = 18
@@ -203,10 +205,9 @@ class Model(towers.SwappableTowers, nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array, lengths: jax.Array, *,
                train: bool) -> dict[str, jax.Array]:
-    """The (B, B) score matrix of the batch (pairs on the diagonal) and the id of `<unk>` (the word vocabulary's
-    last id), which the dynamic-margin prior treats like a stopword."""
-    scores = self.score(self.embed_images(images, train=train), self.embed_texts(tokens, lengths, train=train))
-    return dict(scores=scores, unk_token=jnp.asarray(self.vocab_size - 1, jnp.int32))
+    """The (B, B) score matrix of the batch (pairs on the diagonal)."""
+    return dict(scores=self.score(self.embed_images(images, train=train),
+                                  self.embed_texts(tokens, lengths, train=train)))
 
   def score(self, image_embedding: jax.Array, text_embedding: jax.Array) -> jax.Array:
     """(N, M) float32 scores S_ij = cos(F_v_i, Ft_ij) of precomputed tower outputs (chunked inside)."""

@@ -29,30 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.data import fields
-from rsalign_jax.losses.similarity import cosine_similarity
-from rsalign_jax.models import layers
+from rsalign_jax.similarity import cosine_similarity
+from rsalign_jax.models import base
 from rsalign_jax.models import resnet
-
-
-class ResNetTrunk(resnet.ResNet):
-  """`resnet.ResNet` (same parameters) that can stop after `last_stage`, so a downsampled copy skips later stages."""
-
-  @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool, last_stage: int = 4) -> dict[str, jax.Array]:
-    if self.depth not in resnet.STAGE_SIZES:
-      raise ValueError(f"model.resnet_depth={self.depth}: expected one of {sorted(resnet.STAGE_SIZES)}")
-    block_cls = resnet.Bottleneck if self.depth in resnet.BOTTLENECK_DEPTHS else resnet.BasicBlock
-    x = resnet.conv(self.width, 7, 2, self.dtype, "conv1")(images)
-    x = nn.relu(layers.batch_norm(train, self.dtype, "bn1")(x))
-    x = resnet.torch_max_pool(x)
-    features = {}
-    for stage, num_blocks in enumerate(resnet.STAGE_SIZES[self.depth][:last_stage]):
-      for block in range(num_blocks):
-        stride = 2 if stage > 0 and block == 0 else 1
-        x = block_cls(self.width * 2**stage, stride, self.dtype, name=f"layer{stage + 1}_{block}")(x, train=train)
-      features[f"f{stage + 1}"] = x
-    return features
 
 
 class AttentionPool(nn.Module):
@@ -84,7 +63,7 @@ class MultiscaleImageEncoder(nn.Module):
     """(B, H, W, 3) -> (embedding (B, embed_dim), mid-level feature (B, embed_dim))."""
     if self.scales[0] != 1 or any(f < 1 or f & (f - 1) or f > 8 for f in self.scales):
       raise ValueError(f"model.scales={self.scales}: expected 1 first, then powers of two up to 8")
-    trunk = ResNetTrunk(self.resnet_depth, self.resnet_width, self.dtype, name="resnet")
+    trunk = resnet.ResNet(self.resnet_depth, self.resnet_width, self.dtype, name="resnet")
     width = trunk.out_features
     tokens, mid = [], None
     for i, factor in enumerate(self.scales):
@@ -166,7 +145,7 @@ class SpacetimeTextEncoder(nn.Module):
                 mid=nn.Dense(self.embed_dim, dtype=self.dtype, name="mid_proj")(mid), cls=cls_state)
 
 
-class Model(nn.Module):
+class Model(base.RetrievalModel):
   """CCLS2T's asymmetric dual encoder with hash heads; see the module docstring."""
   vocab_size: int
   embed_dim: int = 256
@@ -181,15 +160,19 @@ class Model(nn.Module):
   text_dropout: float = 0.1
   hash_bits: int = 64
   spacetime: bool = True
+  spacetime_dim: int = 0  # the width of the 'spacetime' field (rsalign_jax.data.fields.SPACETIME_DIM)
   dtype: Any = jnp.float32
 
-  IMAGE_FIELDS = ()
+  HASH_CODES = True
 
   @property
-  def TEXT_FIELDS(self):  # pylint: disable=invalid-name  (the trainer's per-model constant)
+  def TEXT_FIELDS(self):  # pylint: disable=invalid-name  (the contract's declaration; a config field decides it)
     return ("spacetime",) if self.spacetime else ()
 
   def setup(self):
+    if self.spacetime and self.spacetime_dim < 1:
+      raise ValueError("model.spacetime=True needs model.spacetime_dim (the 'spacetime' field's width, "
+                       f"rsalign_jax.data.fields.SPACETIME_DIM); got {self.spacetime_dim}")
     self.image_encoder = MultiscaleImageEncoder(self.embed_dim, self.resnet_depth, self.resnet_width,
                                                 tuple(self.scales), self.fusion_heads, self.dtype)
     self.text_encoder = SpacetimeTextEncoder(self.vocab_size, self.embed_dim, self.text_width, self.text_depth,
@@ -198,7 +181,7 @@ class Model(nn.Module):
     self.text_hash = nn.Dense(self.hash_bits, dtype=self.dtype)
     if self.spacetime:
       self.spacetime_hidden = nn.Dense(self.text_width, dtype=self.dtype)
-      self.spacetime_head = nn.Dense(fields.SPACETIME_DIM, dtype=self.dtype)
+      self.spacetime_head = nn.Dense(self.spacetime_dim, dtype=self.dtype)
 
   def _spacetime(self, spacetime):
     if self.spacetime and spacetime is None:

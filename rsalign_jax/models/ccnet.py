@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rsalign_jax.losses.similarity import l2_normalize
+from rsalign_jax.similarity import l2_normalize
+from rsalign_jax.models import base
 from rsalign_jax.models import layers
 from rsalign_jax.models import resnet
 from rsalign_jax.models import skipthoughts
@@ -173,8 +174,9 @@ def chunked_pairwise(fn: Callable[[Any, Any], jax.Array], images, texts, image_c
 # ---------------------------------------------------------------- the model
 
 
-class Model(nn.Module):
+class Model(base.RetrievalModel):
   """CCNet's towers and pairwise TAM + CFM score (all design choices ours, see the module docstring)."""
+  PAIRWISE = True
   vocab_size: int
   embed_dim: int = 512
   attention_dim: int = 128

@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.losses.similarity import cosine_similarity
-from rsalign_jax.models import bert, efficientnet_lite, resnet, text_transformer, vit
+from rsalign_jax.similarity import cosine_similarity
+from rsalign_jax.models import base, bert, efficientnet_lite, resnet, text_transformer, vit
 
 IMAGE_TOWERS = ("vit", "resnet", "efficientnet")
 TEXT_TOWERS = ("transformer", "bert")
@@ -41,9 +41,9 @@ def pool_map(maps: jax.Array, pool: str) -> jax.Array:
   return mean if pool == "mean" else jnp.concatenate([mean, maps.max(axis=(1, 2))], axis=-1)
 
 
-class Model(nn.Module):
+class Model(base.RetrievalModel):
   """Two towers + projections; `embed_images` and `embed_texts` run independently, `score` is the cosine."""
-  # Fields the towers' trunks do not read (`rsalign_jax.trunk_cache` keys its files without them).
+  TRUNKS = ("image", "text")
   HEAD_FIELDS = ("embed_dim", "image_pool", "projection_hidden", "projection_dropout")
   vocab_size: int
   embed_dim: int = 256

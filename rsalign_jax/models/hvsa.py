@@ -24,14 +24,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.losses.similarity import cosine_similarity
+from rsalign_jax.similarity import cosine_similarity
+from rsalign_jax.models import base
 from rsalign_jax.models import layers
 from rsalign_jax.models import towers
 
 
-class Model(towers.SwappableTowers, nn.Module):
+class Model(towers.SwappableTowers, base.RetrievalModel):
   """HVSA's two towers; `embed_images` and `embed_texts` run independently, `score` compares their outputs."""
-  HEAD_FIELDS = ("embed_dim", "kea_slots")  # fields the towers' trunks do not read
+  TRUNKS = ("image", "text")
+  HEAD_FIELDS = ("embed_dim", "kea_slots")
   vocab_size: int
   embed_dim: int = 512
   resnet_depth: int = 18

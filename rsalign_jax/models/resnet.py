@@ -73,7 +73,8 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
   """ResNet trunk without the classifier: stem, then stages of `width * 2**s` channels (x4 out of a Bottleneck).
 
-  Returns {'f1', 'f2', 'f3', 'f4'}, the outputs of layer1..layer4 (strides 4, 8, 16, 32) in `dtype`.
+  Returns {'f1', 'f2', 'f3', 'f4'}, the outputs of layer1..layer4 (strides 4, 8, 16, 32) in `dtype`, up to
+  `last_stage` (a call that needs only early stages skips the later ones; the parameters are the same).
   """
   depth: int = 18
   width: int = 64
@@ -85,7 +86,7 @@ class ResNet(nn.Module):
     return self.width * 8 * (4 if self.depth in BOTTLENECK_DEPTHS else 1)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, *, train: bool, last_stage: int = 4) -> dict[str, jax.Array]:
     if self.depth not in STAGE_SIZES:
       raise ValueError(f"ResNet: depth={self.depth}; expected one of {sorted(STAGE_SIZES)}")
     block_cls = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
@@ -93,7 +94,7 @@ class ResNet(nn.Module):
     x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
     x = torch_max_pool(x)
     features = {}
-    for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
+    for stage, num_blocks in enumerate(STAGE_SIZES[self.depth][:last_stage]):
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         x = block_cls(self.width * 2**stage, stride, self.dtype, name=f"layer{stage + 1}_{block}")(x, train=train)

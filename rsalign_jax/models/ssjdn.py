@@ -33,7 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsalign_jax.losses.similarity import cosine_similarity, l2_normalize
+from rsalign_jax.similarity import cosine_similarity, l2_normalize
+from rsalign_jax.models import base
 from rsalign_jax.models import layers
 from rsalign_jax.models import resnet
 
@@ -129,7 +130,7 @@ class LabelSemanticDecoupling(nn.Module):
     return x + semantic, logits
 
 
-class Model(nn.Module):
+class Model(base.RetrievalModel):
   """SSJDN's two towers with shared class prototypes; `__call__` adds the class logits the objective needs."""
   vocab_size: int
   num_classes: int = 21

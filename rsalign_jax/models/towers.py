@@ -14,19 +14,16 @@ Submodule names follow the trunk, so importers fill them directly: `resnet`, `ef
 import flax
 import jax
 
-from rsalign_jax.models import bert, efficientnet_lite, resnet, skipthoughts
+from rsalign_jax.models import base, bert, efficientnet_lite, resnet, skipthoughts
 
 IMAGE_BACKBONES = ("resnet", *efficientnet_lite.VARIANTS)
 TEXT_ENCODERS = ("gru", "bert")
-FROZEN_TOWERS = ("image", "text")
 
 
 class SwappableTowers:
   """Mixin for a linen Model with fields image_backbone, resnet_depth, resnet_width, text_encoder, word_dim,
   hidden_dim, text_dropout, bert_config (BERT kwargs), frozen, precomputed, vocab_size and dtype. Call
-  `setup_towers()` in `setup`. A model whose heads read more than 'f4' sets IMAGE_MAPS (its image tower then cannot
-  be precomputed)."""
-  IMAGE_MAPS = ("f4",)
+  `setup_towers()` in `setup`. Only the towers in the model's TRUNKS (rsalign_jax.models.base) can be precomputed."""
 
   def __post_init__(self):
     # BERT kwargs arrive as a dict (config.model.to_dict()); frozen, the module stays hashable for jit's cache.
@@ -40,15 +37,15 @@ class SwappableTowers:
       raise ValueError(f"model.image_backbone={self.image_backbone!r}: expected one of {IMAGE_BACKBONES}")
     if self.text_encoder not in TEXT_ENCODERS:
       raise ValueError(f"model.text_encoder={self.text_encoder!r}: expected one of {TEXT_ENCODERS}")
-    unknown = set(self.frozen) - set(FROZEN_TOWERS)
+    unknown = set(self.frozen) - set(base.TOWER_NAMES)
     if unknown:
-      raise ValueError(f"model.frozen={tuple(self.frozen)!r}: {sorted(unknown)} not in {FROZEN_TOWERS}")
+      raise ValueError(f"model.frozen={tuple(self.frozen)!r}: {sorted(unknown)} not in {base.TOWER_NAMES}")
     if set(self.precomputed) - set(self.frozen):
       raise ValueError(f"model.precomputed={self.precomputed!r}: only frozen towers {self.frozen!r} can be "
                        "precomputed (a trained tower's output changes every step)")
-    if "image" in self.precomputed and self.IMAGE_MAPS != ("f4",):
-      raise ValueError(f"model.precomputed={self.precomputed!r}: {type(self).__module__}'s heads read the image "
-                       f"maps {self.IMAGE_MAPS}, the image trunk cache holds only 'f4'; precompute the text tower only")
+    if set(self.precomputed) - set(self.TRUNKS):
+      raise ValueError(f"model.precomputed={self.precomputed!r}: {type(self).__module__} splits only the towers "
+                       f"{self.TRUNKS} into trunk and heads; precompute those only")
     if self.image_backbone == "resnet":
       self.resnet = resnet.ResNet(self.resnet_depth, self.resnet_width, self.dtype)
     else:

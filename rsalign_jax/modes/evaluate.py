@@ -30,7 +30,7 @@ def evaluate(config, workdir, *, checkpoint="", split=""):
   split = split or config.dataset.test_split
   with jax.set_mesh(loaded.setup.mesh):
     evaluator = loaded.setup.make_evaluator(split)
-    metrics = loaded.setup.retrieval.evaluate(evaluator, loaded.state)
+    metrics = loaded.setup.retrieval.evaluate(evaluator, loaded.variables)
   title = f"{config.dataset.name} {split}"
   table = metrics_lib.format_table({f"{config.model_name} ({loaded.checkpoint})": metrics}, title=title)
   result = {"split": split, "dataset": config.dataset.name, "model": config.model_name,

@@ -55,7 +55,7 @@ def write(loaded, data, output_dir):
   for kind in KINDS:
     files[f"{kind}_embeddings"] = _write_npy(output_dir, f"{kind}_embeddings", counts[kind], primary,
                                              embedding.embed(setup, variables, towers[kind], batches[kind]()))
-    if embedding.has_codes(setup.model):
+    if setup.model.HASH_CODES:
       codes = embedding.embed(setup, variables, code_towers[kind], batches[kind]())
       files[f"{kind}_codes"] = _write_npy(output_dir, f"{kind}_codes", counts[kind], primary,
                                           _packed(codes, code_bits))

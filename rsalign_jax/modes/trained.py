@@ -2,12 +2,12 @@
 
 `load` restores the checkpoint the trainer tests (`workdir/best` if `config.test_on_best` and it holds a
 checkpoint, else the newest of `workdir/checkpoints`) or one the user names, with the shardings of
-`train.build_setup`, so evaluation, export and search see exactly the state the trainer's test numbers come from.
+`experiment.build_setup`, so evaluation, export and search see exactly the state the trainer's test numbers come from.
 """
 import dataclasses
 import os
 
-from rsalign_jax import train
+from rsalign_jax import experiment
 from rsalign_jax.runtime import checkpointing
 from rsalign_jax.runtime import sharding as sharding_lib
 
@@ -17,8 +17,8 @@ CHECKPOINT_CHOICES = ("", "best", "last")
 @dataclasses.dataclass
 class Trained:
   """A restored train state with the setup that built it."""
-  setup: train.Setup
-  state: train.TrainState
+  setup: experiment.Setup
+  state: experiment.TrainState
   checkpoint: str  # as the trainer's results.json names it: "best val (step N)" or "last"; or the path given
   step: int
 
@@ -28,7 +28,7 @@ class Trained:
 
   @property
   def variables(self):
-    return train.model_variables(self.state)
+    return experiment.model_variables(self.state)
 
 
 def make_mesh(config):
@@ -78,7 +78,7 @@ def load(config, workdir, checkpoint=""):
   """Restores the chosen checkpoint of `workdir` (see `find_checkpoint`) onto the trainer's mesh."""
   workdir = os.path.abspath(workdir)  # orbax needs absolute paths
   directory, step, description = find_checkpoint(config, workdir, checkpoint)
-  setup = train.build_setup(config, workdir, make_mesh(config))
+  setup = experiment.build_setup(config, workdir, make_mesh(config))
   checkpointer = checkpointing.Checkpointer(directory)
   try:
     state, _, _ = checkpointer.restore(setup.abstract_state, step=step)
