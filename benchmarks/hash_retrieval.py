@@ -4,7 +4,7 @@
 
 Trains nothing: restores `workdir/best` (else the newest `workdir/checkpoints`) of a finished run of `--config`,
 embeds the test split (queries) and the train split (gallery) with the eval preprocessing, and prints mAP@K and P@K
-(relevant = same scene class, `rsalign_jax.evaluation.hash_index.retrieval_scores`), the gallery items scored per
+(relevant = same scene class, `rsalign_jax.serving.hash_index.retrieval_scores`), the gallery items scored per
 query and the query latency (wall time of the jitted, query-batched search over all queries / number of queries,
 best of `--repeats` after a warm-up) for: exhaustive float cosine, exhaustive Hamming, and the two-level index
 (k-means or class clusters over the gallery codes, optionally re-ranked by cosine).
@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from rsalign_jax import experiment
 from rsalign_jax.data import preprocessing
 from rsalign_jax.data import sources
-from rsalign_jax.evaluation import hash_index
+from rsalign_jax.serving import hash_index
 from rsalign_jax.runtime import checkpointing
 from rsalign_jax.runtime import sharding as sharding_lib
 

@@ -20,13 +20,17 @@ import optax
 from rsalign_jax import optimizers
 from rsalign_jax import trunk_cache as trunk_cache_lib
 from rsalign_jax.data import fields as fields_lib
-from rsalign_jax.data import preprocessing, sources
+from rsalign_jax.data import pipeline, preprocessing, sources
+from rsalign_jax.data import splits as splits_lib
 from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
 from rsalign_jax.losses import base as objective_base
 from rsalign_jax.models import base as model_base
+from rsalign_jax.runtime import metric_writer
 from rsalign_jax.runtime import sharding as sharding_lib
 from rsalign_jax.weights import common as weights_common
+
+log = metric_writer.log
 
 
 @flax.struct.dataclass
@@ -162,15 +166,15 @@ class Setup:
   state_sharding: TrainState
   retrieval: evaluator_lib.Retrieval
   trunk_cache: trunk_cache_lib.TrunkCache | None = None  # frozen trunks' outputs, when the model reads those
+  splits: dict = dataclasses.field(default_factory=dict)  # name -> splits.Split, read on first use
 
   @property
   def frozen(self):
     """The optimizer's frozen patterns; none on heads over cached trunks (the patterns named the trunks)."""
     return () if self.trunk_cache else optimizers.frozen_patterns(self.config)
 
-  def open_split(self, split, source=None):
-    """`split`'s records with `image` as the model reads it: encoded pixels, or cached image-trunk outputs."""
-    source = sources.open_split(self.config.dataset, split) if source is None else source
+  def model_records(self, split, source):
+    """`split`'s records `source` with `image` as the model reads it: encoded pixels, or cached image-trunk outputs."""
     return self.trunk_cache.images(split, source) if self.trunk_cache else source
 
   def text_encoder(self, split, source):
@@ -189,17 +193,45 @@ class Setup:
   def _cached(self, tower):
     return self.trunk_cache is not None and tower in self.trunk_cache.towers
 
+  def split(self, name):
+    """Split `name` (`data.splits.Split`), read and tokenised on first use and kept: the evaluator, the gallery
+    pictures, export and search share it."""
+    if name not in self.splits:
+      train = name == self.config.dataset.train_split
+      source = self.train_source if train else sources.open_split(self.config.dataset, name)
+      self.splits[name] = splits_lib.read(name, source, self.model_records(name, source),
+                                          self.text_encoder(name, source), self.config.text.max_len,
+                                          self.model.IMAGE_FIELDS, self.model.TEXT_FIELDS)
+    return self.splits[name]
+
   def make_evaluator(self, split):
-    config = self.config
-    source = sources.open_split(config.dataset, split)
-    return evaluator_lib.RetrievalEvaluator(
-        self.open_split(split, source), self.text_encoder(split, source), pp_spec=self.pp_eval,
-        max_len=config.text.max_len, batch_size=config.eval_batch_size, mesh=self.mesh,
-        image_fields=tuple(self.model.IMAGE_FIELDS), text_fields=tuple(self.model.TEXT_FIELDS))
+    return evaluator_lib.RetrievalEvaluator(self.split(split), pp_spec=self.pp_eval,
+                                            batch_size=self.config.eval_batch_size, mesh=self.mesh)
 
   def batch_fields(self):
     """The per-image fields every train batch carries (`batch_fields`)."""
     return batch_fields(self.config, self.model, self.objective)
+
+  def initial_state(self, rng):
+    """A fresh sharded train state from `rng`, with `config.init`'s pretrained weights (`load_pretrained`)."""
+    state = jax.jit(self.init_fn, out_shardings=self.state_sharding)(rng)
+    return load_pretrained(state, self.config, cached_trunks=self.trunk_cache is not None)
+
+  def train_items(self):
+    """The training split as the loader samples it (`pipeline.TrainItems`): records and captions as the model reads
+    them (token ids, or cached trunk outputs) with the batch fields."""
+    config, index, name = self.config, self.train_index, self.config.dataset.train_split
+    if self.trunk_cache:
+      log("training on cached outputs of the frozen %s trunk(s) (trunk_cache.views=%d; input.pp_train unused)",
+          "+".join(self.trunk_cache.towers), config.trunk_cache.views)
+    tokens, lengths, truncated = self.text_encoder(name, self.train_source).encode_batch(index.captions,
+                                                                                       config.text.max_len)
+    log("train: %d images, %d captions; vocabulary of %d tokens; %d captions truncated to %d tokens",
+        index.num_images, len(index.captions), self.vocab.size - 1, truncated, config.text.max_len)
+    return pipeline.TrainItems(
+        self.model_records(name, self.train_source), index, tokens, lengths, sampling=config.input.sampling,
+        global_batch_size=config.input.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=config.seed, name=config.dataset.name, fields=self.batch_fields())
 
 
 def build_setup(config, workdir, mesh):

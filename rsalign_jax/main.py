@@ -5,7 +5,7 @@ Intentionally thin (as in the flax examples): flags, then an importable, tested 
   eval    the papers' retrieval table of the checkpoint the trainer tests (`modes.evaluate`);
   export  a split's image and caption embeddings with their ids (`modes.export`);
   search  free text -> top-k images, image file -> top-k captions or images (`modes.search`).
-With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std.
+With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std (`modes.seeds`).
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
 from absl import app
@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rsalign_jax import train
-from rsalign_jax.modes import evaluate, export, search
+from rsalign_jax.modes import evaluate, export, search, seeds as seeds_lib
 from rsalign_jax.runtime import distributed
 from rsalign_jax.runtime import metric_writer
 
@@ -55,11 +55,11 @@ def main(argv):
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   seeds = tuple(config.get("seeds", ()))
   if mode == "train" and seeds:
-    evaluate.train_seeds(config, workdir, seeds)
+    seeds_lib.train_seeds(config, workdir, seeds)
   elif mode == "train":
     train.train_and_evaluate(config, workdir)
   elif mode == "eval" and seeds:
-    evaluate.evaluate_seeds(config, workdir, seeds, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
+    seeds_lib.evaluate_seeds(config, workdir, seeds, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
   elif mode == "eval":
     evaluate.evaluate(config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
   elif mode == "export":

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rsalign_jax.runtime import sharding as sharding_lib
+
 
 def warmup_step_decay(base_lr, *, steps_per_epoch, warmup_epochs=0, decay_every_epochs=20, decay_factor=0.1):
   """The HVSA/AMFMN `adjust_learning_rate` schedule, constant within an epoch e (0-based):
@@ -91,8 +93,7 @@ def frozen_mask(params, patterns):
 
 def parameter_paths(params):
   """params -> the same tree of '/'-joined paths ('model/image_encoder/conv_stem/kernel'), what the regexes match."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"),
-                                          params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: sharding_lib.path_name(path), params)
 
 
 def parameter_labels(frozen, lr_mults=()):

@@ -17,7 +17,7 @@ import optax
 
 from rsalign_jax import experiment, gradcache, optimizers
 from rsalign_jax.data import pipeline
-from rsalign_jax.evaluation import gallery
+from rsalign_jax.serving import gallery
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.runtime import checkpointing, metric_writer, preemption
 from rsalign_jax.runtime import sharding as sharding_lib
@@ -111,20 +111,7 @@ def _train_and_evaluate(config, workdir, mesh):
   log("devices: %d (%s), processes: %d", jax.device_count(), jax.devices()[0].platform, jax.process_count())
 
   setup = experiment.build_setup(config, workdir, mesh)
-  train_index, vocab = setup.train_index, setup.vocab
-  tokens, lengths, truncated = vocab.encode_batch(train_index.captions, config.text.max_len)
-  log("train: %d images, %d captions; vocabulary of %d tokens; %d captions truncated to %d tokens",
-      train_index.num_images, len(train_index.captions), vocab.size - 1, truncated, config.text.max_len)
-  if setup.trunk_cache:
-    log("training on cached outputs of the frozen %s trunk(s) (trunk_cache.views=%d; input.pp_train unused)",
-        "+".join(setup.trunk_cache.towers), config.trunk_cache.views)
-    tokens, lengths, _ = setup.text_encoder(config.dataset.train_split, setup.train_source).encode_batch(
-        train_index.captions, config.text.max_len)
-  items = pipeline.TrainItems(
-      setup.open_split(config.dataset.train_split, setup.train_source), train_index, tokens, lengths,
-      sampling=config.input.sampling,
-      global_batch_size=config.input.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=config.seed, name=config.dataset.name, fields=setup.batch_fields())
+  items = setup.train_items()
   steps_per_epoch = setup.steps_per_epoch
   total_steps = config.get("total_steps") or config.total_epochs * steps_per_epoch
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
@@ -152,8 +139,7 @@ def _train_and_evaluate(config, workdir, mesh):
     writer.truncate_after(int(state.step))
     log("resumed from %s at step %d", workdir, int(state.step))
   else:
-    state = experiment.load_pretrained(jax.jit(setup.init_fn, out_shardings=state_sharding)(rng), config,
-                            cached_trunks=setup.trunk_cache is not None)
+    state = setup.initial_state(rng)
     if config.eval_random_init:
       meta["random_init_test"] = retrieval.evaluate(test_evaluator, experiment.model_variables(state))
       log("random-init test: %s", _summary(meta["random_init_test"]))

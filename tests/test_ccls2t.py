@@ -16,7 +16,7 @@ from rsalign_jax import train
 from rsalign_jax.data import fields
 from rsalign_jax.data import metadata_prompts
 from rsalign_jax.data import sources
-from rsalign_jax.evaluation import hash_index
+from rsalign_jax.serving import hash_index
 from rsalign_jax.losses import ccls2t as ccls2t_loss
 from rsalign_jax.models import ccls2t
 from rsalign_jax.models import resnet

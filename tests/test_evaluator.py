@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
+from rsalign_jax.data import splits
 from rsalign_jax.data.tokenizers import WordVocab
 from rsalign_jax.evaluation.evaluator import RetrievalEvaluator
 from rsalign_jax.runtime import sharding as sharding_lib
@@ -41,8 +42,8 @@ def toy_functions(vocab, num_classes):
 
 
 def make_evaluator(records, vocab):
-  return RetrievalEvaluator(records, vocab, pp_spec="decode", max_len=4, batch_size=8,
-                            mesh=sharding_lib.make_mesh())
+  split = splits.read("test", records, records, vocab, max_len=4)
+  return RetrievalEvaluator(split, pp_spec="decode", batch_size=8, mesh=sharding_lib.make_mesh())
 
 
 def test_perfect_toy_retrieval_scores_100():

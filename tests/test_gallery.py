@@ -1,9 +1,9 @@
-"""The gallery picture (`evaluation.gallery.render`): layout, ground-truth outlines, text, PNG round trip."""
+"""The gallery picture (`serving.gallery.render`): layout, ground-truth outlines, text, PNG round trip."""
 import numpy as np
 import PIL.Image
 import pytest
 
-from rsalign_jax.evaluation import gallery
+from rsalign_jax.serving import gallery
 
 THUMB, BORDER, MARGIN, TEXT = 40, 4, 8, 200
 CELL = THUMB + 2 * BORDER

@@ -25,6 +25,7 @@ from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.similarity import cosine_similarity
 from rsalign_jax.models import base as model_base
 from rsalign_jax.modes import evaluate, export, search
+from rsalign_jax.modes import seeds as seeds_lib
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import checkpointing
 
@@ -134,12 +135,12 @@ def read_events(path):
 def test_seeds_report_mean_and_std(run, tmp_path, capsys):
   config, workdir, results = run
   shutil.copytree(workdir, tmp_path / "seed_0")
-  summary = evaluate.evaluate_seeds(config, str(tmp_path), (0,))
+  summary = seeds_lib.evaluate_seeds(config, str(tmp_path), (0,))
   assert summary["mean"] == results["test"] and set(summary["std"].values()) == {0.0}
   for seed, mr in ((1, 10.0), (2, 20.0), (3, 60.0)):  # finished runs are reused, not retrained
     (tmp_path / f"seed_{seed}").mkdir()
     (tmp_path / f"seed_{seed}" / "results.json").write_text(json.dumps({"test": {**results["test"], "mR": mr}}))
-  summary = evaluate.train_seeds(config, str(tmp_path), (1, 2, 3))
+  summary = seeds_lib.train_seeds(config, str(tmp_path), (1, 2, 3))
   assert summary["mean"]["mR"] == 30.0 and summary["std"]["mR"] == pytest.approx(np.std([10, 20, 60], ddof=1))
   assert "| mean ± std (3 seeds) |" in capsys.readouterr().out
   assert json.loads((tmp_path / "seeds_test.json").read_text())["seeds"] == [1, 2, 3]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsalign_jax.evaluation import hash_index
+from rsalign_jax.serving import hash_index
 from rsalign_jax.evaluation import topk
 from rsalign_jax.modes import search
 

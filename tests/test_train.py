@@ -1,4 +1,5 @@
 """The trainer end to end on the tiny synthetic benchmark, on 8 virtual CPU devices: steps, results, resume."""
+import collections
 import json
 import pathlib
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from helpers import SHARED_DATA, load_config, runlocal_config
 from rsalign_jax import experiment, optimizers, train
+from rsalign_jax.data import sources, tokenizers
 
 RSICD_AID150 = SHARED_DATA / "rsicd_aid150"
 
@@ -24,7 +26,17 @@ def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   workdir = tmp_path_factory.mktemp("run")
   monkeypatch.chdir(workdir.parent)  # a relative --workdir, as in the README
   config = runlocal_config(tmp_path_factory, **{"loss.impl": "ring"})  # the sharded loss path, inside the trainer
+  opened, encoded = collections.Counter(), collections.Counter()
+  open_split, encode_batch = sources.open_split, tokenizers.WordVocab.encode_batch
+  monkeypatch.setattr(sources, "open_split", lambda dataset, split: opened.update([split]) or open_split(dataset, split))
+  monkeypatch.setattr(tokenizers.WordVocab, "encode_batch",
+                      lambda self, captions, max_len: encoded.update([tuple(captions)]) or encode_batch(self, captions,
+                                                                                                     max_len))
   results = train.train_and_evaluate(config, workdir.name)
+  # Each split is read and tokenised once per run: by the trainer (train), the evaluators and the gallery (val, test).
+  assert opened == {config.dataset.train_split: 1, config.dataset.val_split: 1, config.dataset.test_split: 1}
+  split_sized = {captions: count for captions, count in encoded.items() if len(captions) > 5}  # not init's 5 rows
+  assert len(split_sized) == 3 and set(split_sized.values()) == {1}
   written = json.loads((workdir / "results.json").read_text())
   assert written["test"] == results["test"]
   for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum"):

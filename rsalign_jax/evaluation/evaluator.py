@@ -6,9 +6,7 @@ expected-tie rule applies to them; it also saves work (RSICD's test set has 3,33
 import jax
 import numpy as np
 
-from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import preprocessing
-from rsalign_jax.data.sources import CaptionIndex
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.runtime import sharding as sharding_lib
 
@@ -23,23 +21,22 @@ class RetrievalEvaluator:
   and return replicated embeddings; `score(variables, image_emb, text_emb)` returns a similarity block.
   """
 
-  def __init__(self, source, vocab, *, pp_spec, max_len, batch_size, mesh, score_chunk=1024, image_fields=(),
-               text_fields=()):
-    self._source = source
+  def __init__(self, split, *, pp_spec, batch_size, mesh, score_chunk=1024):
+    """split: a `data.splits.Split` (its `inputs` hold the images as the model reads them)."""
+    self._source = split.inputs
     self._pp = preprocessing.parse(pp_spec)
     self._batch_size = batch_size
     self._sharding = sharding_lib.batch_sharding(mesh)
     self._score_chunk = score_chunk
-    self.index = CaptionIndex.read(source)
-    tokens, lengths, _ = vocab.encode_batch(self.index.captions, max_len)
-    record_fields = fields_lib.read(source, self.index, tokens, sorted(set(image_fields) | set(text_fields)))
-    self._image_fields = {name: record_fields[name] for name in image_fields}
+    self.index = split.index
+    tokens, lengths = split.tokens, split.lengths
+    self._image_fields = split.image_fields
     # With text fields (per-image inputs of the text tower) a caption string is only shared within its image.
-    key = [tokens, lengths[:, None]] + ([self.index.record[:, None]] if text_fields else [])
+    key = [tokens, lengths[:, None]] + ([self.index.record[:, None]] if split.text_fields else [])
     _, first, self._caption_to_unique = np.unique(np.concatenate(key, axis=1), axis=0, return_index=True,
                                                   return_inverse=True)
     self._unique_tokens, self._unique_lengths = tokens[first], lengths[first]
-    self._text_fields = {name: record_fields[name][self.index.record[first]] for name in text_fields}
+    self._text_fields = {name: values[first] for name, values in split.text_fields.items()}
     self._images = None
 
   @property
@@ -65,14 +62,9 @@ class RetrievalEvaluator:
     out = []
     for arrays in batches:
       n = len(jax.tree.leaves(arrays)[0])
-      local = jax.tree.map(lambda a: self._process_rows(_pad_rows(a, self._batch_size)), arrays)
-      embeddings = fn(variables, *sharding_lib.to_global(local, self._sharding))
+      embeddings = fn(variables, *sharding_lib.padded_global_batch(arrays, self._batch_size, self._sharding))
       out.append(np.asarray(embeddings)[:n])
     return np.concatenate(out)
-
-  def _process_rows(self, array):
-    rows = len(array) // jax.process_count()
-    return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
 
   def embeddings(self, variables, embed_images, embed_texts):
     """Returns (image embeddings (N, D), distinct-caption embeddings (U, D))."""
@@ -102,13 +94,6 @@ def _batches(arrays, size):
       yield arrays
   for start in range(0, len(leaves[0]), size):
     yield jax.tree.map(lambda a: a[start:start + size], arrays)
-
-
-def _pad_rows(array, size):
-  if len(array) == size:
-    return array
-  pad = np.zeros((size - len(array),) + array.shape[1:], array.dtype)
-  return np.concatenate([array, pad])
 
 
 class Retrieval:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from rsalign_jax.runtime.sharding import BATCH_AXES
+from rsalign_jax.mesh_axes import BATCH_AXES
 
 IMPLS = ("global", "gather", "ring")
 

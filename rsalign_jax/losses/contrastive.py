@@ -15,7 +15,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import LogSumExp, Sum, batch_ids, over_batch, results
 from rsalign_jax.similarity import unit_cosine_similarity, upcast
-from rsalign_jax.runtime.sharding import BATCH_AXES
+from rsalign_jax.mesh_axes import BATCH_AXES
 
 
 def logits_loss(logits, ids):

@@ -9,7 +9,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import Sum, batch_ids, over_batch, results
 from rsalign_jax.similarity import unit_cosine_similarity, upcast
-from rsalign_jax.runtime.sharding import BATCH_AXES
+from rsalign_jax.mesh_axes import BATCH_AXES
 
 
 def _pair_log_likelihood(images, texts, row_ids, col_ids, log_scale, bias):

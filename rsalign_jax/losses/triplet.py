@@ -19,7 +19,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import Hardest, Sum, batch_ids, global_positions, over_batch, results
 from rsalign_jax.similarity import paired_unit_cosine_similarity, unit_cosine_similarity, upcast
-from rsalign_jax.runtime.sharding import BATCH_AXES
+from rsalign_jax.mesh_axes import BATCH_AXES
 
 NEGATIVES = ("sum", "hardest")
 

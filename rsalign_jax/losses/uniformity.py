@@ -6,7 +6,7 @@ from jax import lax
 
 from rsalign_jax.losses.collectives import Sum, batch_ids, over_batch, results
 from rsalign_jax.similarity import l2_normalize, pairwise_dot, upcast
-from rsalign_jax.runtime.sharding import BATCH_AXES
+from rsalign_jax.mesh_axes import BATCH_AXES
 
 UNIFORMITY_FORMS = ("exp_mean", "log")
 

@@ -18,8 +18,8 @@ import os
 import jax
 import numpy as np
 
-from rsalign_jax.evaluation import embedding
-from rsalign_jax.evaluation import hash_index
+from rsalign_jax.serving import embedding
+from rsalign_jax.serving import hash_index
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import metric_writer
 
@@ -34,7 +34,7 @@ def export(config, workdir, *, checkpoint="", split="", output_dir=""):
   split = split or config.dataset.test_split
   output_dir = output_dir or os.path.join(workdir, f"export_{split}")
   with jax.set_mesh(loaded.setup.mesh):
-    manifest = write(loaded, embedding.open_split(loaded.setup, split), output_dir)
+    manifest = write(loaded, loaded.setup.split(split), output_dir)
   metric_writer.log("exported %d images and %d captions of %s (%s) to %s", len(manifest["images"]["filename"]),
                     len(manifest["captions"]["text"]), split, loaded.checkpoint, output_dir)
   return manifest

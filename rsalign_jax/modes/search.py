@@ -3,7 +3,7 @@
 The gallery is an export directory (`--mode=export`, memory-mapped, so it may be far larger than memory) or a
 dataset split embedded on the fly. Ranking is exhaustive and exact (`evaluation.topk.exact_topk`: chunked over the
 gallery, sharded over the devices) with the model's own `score`; with `codes='hamming'` a hashing model (CCLS2T)
-ranks by the Hamming distance of its sign codes instead (`evaluation.hash_index`'s packed codes and popcount
+ranks by the Hamming distance of its sign codes instead (`serving.hash_index`'s packed codes and popcount
 distances, in the same chunked, sharded search; a result's `score` is then the distance, lower is better). A text
 query's ground truth is every gallery image with a caption equal to it (ignoring case and spacing); an image query's
 is the gallery image with its file name (targets='images') or that image's captions.
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rsalign_jax.evaluation import embedding
-from rsalign_jax.evaluation import gallery as gallery_lib
-from rsalign_jax.evaluation import hash_index
+from rsalign_jax.serving import embedding
+from rsalign_jax.serving import gallery as gallery_lib
+from rsalign_jax.serving import hash_index
 from rsalign_jax.evaluation import topk
 from rsalign_jax.modes import export as export_lib
 from rsalign_jax.modes import trained as trained_lib
@@ -40,7 +40,7 @@ class Gallery:
   image_ids: np.ndarray
   captions: list
   caption_image_row: np.ndarray
-  open_data: object = None  # () -> embedding.SplitData of the gallery's records (for pictures), or None
+  open_data: object = None  # () -> the data.splits.Split of the gallery's records (for pictures), or None
 
   @functools.cached_property
   def data(self):
@@ -53,7 +53,7 @@ class Gallery:
   def from_split(cls, loaded, split, *, codes="float"):
     """Embeds every image and caption of `split` (and their codes for codes='hamming')."""
     setup = loaded.setup
-    data = embedding.open_split(setup, split)
+    data = setup.split(split)
 
     def tower(kind):
       if kind.startswith("image"):
@@ -79,7 +79,7 @@ class Gallery:
                arrays.get("caption_codes"), manifest["images"]["filename"],
                np.asarray(manifest["images"]["image_id"]), manifest["captions"]["text"],
                np.asarray(manifest["captions"]["image_row"]),
-               functools.partial(embedding.open_split, loaded.setup, manifest["split"]) if same_dataset else None)
+               functools.partial(loaded.setup.split, manifest["split"]) if same_dataset else None)
 
   def codes(self, kind):
     codes = self.image_codes if kind == "image" else self.caption_codes

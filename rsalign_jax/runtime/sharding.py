@@ -13,8 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA_AXIS, FSDP_AXIS = "data", "fsdp"
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over both; collectives over the batch name both
+from rsalign_jax.mesh_axes import BATCH_AXES, FSDP_AXIS
 
 
 def make_mesh(fsdp=1):
@@ -44,6 +43,11 @@ def fsdp_spec(shape, fsdp_size):
   return P(*spec)
 
 
+def path_name(path):
+  """A pytree key path as the '/'-joined names config regexes match ('params/model/image_encoder/kernel')."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
 def state_shardings(abstract_state, mesh, *, patterns=(), min_size=0):
   """Shardings of a train state: leaves whose '/'-joined path matches a regex in `patterns` (e.g. 'model/.*',
   which also matches that parameter's optimizer moments) and with at least `min_size` elements are sharded over
@@ -52,7 +56,7 @@ def state_shardings(abstract_state, mesh, *, patterns=(), min_size=0):
   compiled = [re.compile(p) for p in patterns]
 
   def sharding(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    name = path_name(path)
     if leaf.size >= max(min_size, 1) and any(p.search(name) for p in compiled):
       return NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size))
     return replicated(mesh)
@@ -63,6 +67,20 @@ def state_shardings(abstract_state, mesh, *, patterns=(), min_size=0):
 def to_global(local_batch, sharding):
   """This process's rows of a batch (numpy pytree) -> one globally sharded jax.Array per leaf."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def padded_global_batch(arrays, rows, sharding):
+  """A batch every process holds whole (numpy pytree, at most `rows` rows) as a global batch of exactly `rows` rows:
+  zero rows appended (one compiled function serves a split's last, short batch), each process giving its slice."""
+  count = jax.process_count()
+
+  def local(array):
+    array = np.asarray(array)
+    padded = np.concatenate([array, np.zeros((rows - len(array),) + array.shape[1:], array.dtype)])
+    share = rows // count
+    return padded[jax.process_index() * share:(jax.process_index() + 1) * share]
+
+  return to_global(jax.tree.map(local, arrays), sharding)
 
 
 class DevicePrefetcher:

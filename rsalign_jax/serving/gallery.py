@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rsalign_jax.evaluation import embedding
+from rsalign_jax.serving import embedding
 from rsalign_jax.evaluation import topk
 
 TRUTH_COLOUR = (0, 190, 0)
@@ -91,19 +91,12 @@ def _row(data, caption_row, truth, scores, indices, k):
              [int(i) == truth for i in indices[:k]], note)
 
 
-_SPLITS = {}  # id(setup) -> (setup, split name, SplitData): the split is read once per training run
-
-
 def log_validation(writer, step, setup, variables, *, k=5):
   """Writes the gallery picture of the validation split to TensorBoard (tag `val/gallery`) at `step`, for
   `config.gallery_queries` queries (default 4; 0 turns it off)."""
   num_queries = setup.config.get("gallery_queries", 4)
   if not num_queries:
     return
-  split = setup.config.dataset.val_split
-  cached = _SPLITS.get(id(setup))
-  if cached is None or cached[0] is not setup or cached[1] != split:
-    _SPLITS.clear()
-    _SPLITS[id(setup)] = cached = (setup, split, embedding.open_split(setup, split))
-  picture, _ = split_picture(setup, variables, cached[2], num_queries=num_queries, k=k)
+  data = setup.split(setup.config.dataset.val_split)
+  picture, _ = split_picture(setup, variables, data, num_queries=num_queries, k=k)
   writer.image(step, "val/gallery", np.asarray(picture))

@@ -5,49 +5,14 @@ and `retrieval` functions: the same jitted towers the evaluator runs, so these e
 come from); inputs go through in global batches of `eval_batch_size` (rounded up to a multiple of the device count)
 sharded over the mesh.
 """
-import dataclasses
-import io
-
 import jax
 import numpy as np
 import PIL.Image
 
-from rsalign_jax.data import fields as fields_lib
-from rsalign_jax.data import preprocessing, sources
+from rsalign_jax.data import preprocessing
 from rsalign_jax.runtime import sharding as sharding_lib
 
 KINDS = ("images", "texts", "image_codes", "text_codes")
-
-
-@dataclasses.dataclass
-class SplitData:
-  """A dataset split's records, captions (flattened, see `sources.CaptionIndex`) and the towers' per-image fields.
-  `inputs` is `source` as the model reads it (`Setup.open_split`: cached trunk outputs in place of pixels)."""
-  name: str
-  source: object
-  inputs: object
-  index: sources.CaptionIndex
-  tokens: np.ndarray
-  lengths: np.ndarray
-  image_fields: dict  # per image
-  text_fields: dict  # per caption
-
-  def image(self, position):
-    """The record's image as a PIL RGB image (for pictures)."""
-    with PIL.Image.open(io.BytesIO(self.source[position]["image"])) as image:
-      return image.convert("RGB")
-
-
-def open_split(setup, split):
-  """Reads `split` of the setup's dataset with everything embedding needs."""
-  config = setup.config
-  source = sources.open_split(config.dataset, split)
-  index = sources.CaptionIndex.read(source)
-  tokens, lengths, _ = setup.text_encoder(split, source).encode_batch(index.captions, config.text.max_len)
-  image_names, text_names = setup.model.IMAGE_FIELDS, setup.model.TEXT_FIELDS
-  values = fields_lib.read(source, index, tokens, sorted(set(image_names) | set(text_names)))
-  return SplitData(split, source, setup.open_split(split, source), index, tokens, lengths,
-                   {n: values[n] for n in image_names}, {n: values[n][index.record] for n in text_names})
 
 
 def encode_queries(setup, queries):
@@ -135,8 +100,7 @@ def embed(setup, variables, kind, batches):
   sharding = sharding_lib.batch_sharding(setup.mesh)
   for arrays in batches:
     rows = len(jax.tree.leaves(arrays)[0])
-    padded = jax.tree.map(lambda a: _process_rows(_pad(np.asarray(a), size)), arrays)
-    outputs = fn(variables, *sharding_lib.to_global(padded, sharding))
+    outputs = fn(variables, *sharding_lib.padded_global_batch(arrays, size, sharding))
     yield jax.tree.map(lambda x: np.asarray(x)[:rows], outputs)
 
 
@@ -168,15 +132,3 @@ def _code_tower(model, mesh, kind):
     return jax.jit(lambda v, images, fields: model.apply(v, images, **fields, method=kind), out_shardings=replicated)
   return jax.jit(lambda v, tokens, lengths, fields: model.apply(v, tokens, lengths, **fields, method=kind),
                  out_shardings=replicated)
-
-
-def _process_rows(array):
-  """This process's rows of a global batch."""
-  rows = len(array) // jax.process_count()
-  return array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-
-
-def _pad(array, rows):
-  if len(array) == rows:
-    return array
-  return np.concatenate([array, np.zeros((rows - len(array),) + array.shape[1:], array.dtype)])
