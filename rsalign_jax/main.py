@@ -8,6 +8,8 @@ Intentionally thin (as in the flax examples): flags, then an importable, tested 
 With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std (`modes.seeds`).
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -16,6 +18,7 @@ from rsalign_jax import train
 from rsalign_jax.modes import evaluate, export, search, seeds as seeds_lib
 from rsalign_jax.runtime import distributed
 from rsalign_jax.runtime import metric_writer
+from rsalign_jax.runtime import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally `file.py:arg`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -52,7 +55,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value)
   metric_writer.quiet_library_info_logs()
-  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  try:
+    _run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except workdir_lock.WorkdirBusyError as e:
+    sys.exit(f"error: {e}")
+
+
+def _run(config, workdir, mode):
   seeds = tuple(config.get("seeds", ()))
   if mode == "train" and seeds:
     seeds_lib.train_seeds(config, workdir, seeds)

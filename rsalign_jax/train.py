@@ -1,9 +1,10 @@
 """The one trainer: methods differ by config, model module (`config.model_name`) and objective (`config.loss_name`).
 
-`train_and_evaluate(config, workdir)` trains with the global batch sharded over a ('data',) mesh, evaluates on the
-validation split every `eval_every_epochs`, keeps the best-by-val-rsum state, resumes automatically from the newest
-checkpoint in `workdir`, and ends with the test evaluation written to `workdir/results.json`. On a preemption notice
-(SIGTERM) it finishes the current step, checkpoints it and returns early; re-running the same command resumes.
+`train_and_evaluate(config, workdir)` trains with the global batch sharded over the ('data', 'fsdp') mesh,
+evaluates on the validation split every `eval_every_epochs`, keeps the best-by-val-rsum state, resumes automatically
+from the newest checkpoint in `workdir`, and ends with the test evaluation written to `workdir/results.json`. On a
+preemption notice (SIGTERM) it finishes the current step, checkpoints it and returns early; re-running the same
+command resumes.
 """
 import functools
 import json
@@ -19,7 +20,7 @@ from rsalign_jax import experiment, gradcache, optimizers
 from rsalign_jax.data import pipeline
 from rsalign_jax.serving import gallery
 from rsalign_jax.evaluation import metrics as metrics_lib
-from rsalign_jax.runtime import checkpointing, metric_writer, preemption
+from rsalign_jax.runtime import checkpointing, metric_writer, preemption, provenance, workdir_lock
 from rsalign_jax.runtime import sharding as sharding_lib
 
 log = metric_writer.log
@@ -97,8 +98,9 @@ def _format_duration(seconds):
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and returns the results dict."""
   mesh = sharding_lib.make_mesh(fsdp=config.sharding.fsdp)
-  with jax.set_mesh(mesh):  # sharded losses (`loss.impl`) take the mesh from this context
-    return _train_and_evaluate(config, os.path.abspath(workdir), mesh)  # orbax needs absolute paths
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
+  with workdir_lock.hold(workdir), jax.set_mesh(mesh):  # sharded losses (`loss.impl`) read the mesh from here
+    return _train_and_evaluate(config, workdir, mesh)
 
 
 def _train_and_evaluate(config, workdir, mesh):
@@ -214,7 +216,9 @@ def _train_and_evaluate(config, workdir, mesh):
   results = {"test": test, "tested_checkpoint": tested, "random_init_test": meta["random_init_test"],
              "best_val": meta.get("best_val"), "best_step": meta["best_step"], "total_steps": total_steps,
              "train_seconds_this_run": round(train_seconds, 1), "dataset": config.dataset.name,
-             "test_images": test_evaluator.num_images, "model": config.model_name, "loss": config.loss_name}
+             "test_images": test_evaluator.num_images, "model": config.model_name, "loss": config.loss_name,
+             "seed": config.seed, "config": config.to_dict(), "git_commit": provenance.git_commit(),
+             "versions": provenance.versions()}
   rows = {f"{config.model_name} ({tested})": test}
   if meta["random_init_test"] is not None:
     rows = {f"{config.model_name} (random init)": meta["random_init_test"], **rows}

@@ -2,6 +2,7 @@
 import collections
 import json
 import pathlib
+import re
 import sys
 
 import jax
@@ -42,6 +43,11 @@ def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum"):
     assert 0.0 <= written["test"][key] <= (600.0 if key == "rsum" else 100.0)
   assert written["random_init_test"] is not None and written["total_steps"] == 4
+  # What produced the run: its resolved config, seed, source commit and package versions.
+  assert written["config"] == json.loads(json.dumps(config.to_dict())) and written["seed"] == config.seed
+  in_checkout = (pathlib.Path(__file__).resolve().parents[1] / ".git").exists()
+  assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", written["git_commit"]) if in_checkout else written["git_commit"] is None
+  assert written["versions"]["jax"] == jax.__version__ and written["versions"]["python"].startswith("3.")
   assert (workdir / "vocab.json").exists()
   assert any(p.name.startswith("events.out.tfevents") for p in workdir.iterdir())
 
