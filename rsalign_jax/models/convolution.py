@@ -6,7 +6,7 @@ its operand (BatchNorm, ReLU, residual sums, re-read from up to three convolutio
 reads every input in strided order and runs an order of magnitude slower than transposing the stored array. Here
 the backward transposes the stored activation and output gradient inside a `lax.cond` whose two branches are the
 same transpose: XLA cannot fuse across a conditional, so each transpose is a plain copy, and the kernel gradient is
-the same convolution over already transposed operands (bit-equal to XLA's own). Other backends fuse transposes
+the same convolution over already transposed operands (the same values as XLA's own). Other backends fuse transposes
 well and use XLA's gradient unchanged.
 """
 import functools
