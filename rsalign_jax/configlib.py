@@ -186,3 +186,32 @@ def freeze(config, frozen, params):
     raise ValueError(f"config arg frozen={frozen!r}: {unknown} not in {sorted(params)} ('+'-joined)")
   config.model.frozen = towers
   config.optimizer.frozen = tuple(params[t] for t in towers)
+
+
+RESOLVED_CONFIG = "config.json"
+
+
+def save_resolved(config, workdir):
+  """Writes the run's resolved config to WORKDIR/config.json, so the workdir alone rebuilds its model."""
+  with open(os.path.join(workdir, RESOLVED_CONFIG), "w") as f:
+    json.dump(config.to_dict(), f, indent=2)
+
+
+def load_resolved(workdir):
+  """The locked config a run saved in WORKDIR/config.json (JSON lists back to the tuples configs use)."""
+  path = os.path.join(workdir, RESOLVED_CONFIG)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--workdir={workdir} has no {RESOLVED_CONFIG} (not a training workdir, or trained "
+                            "before runs saved their config): pass the run's --config")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  config.lock()
+  return config
+
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value

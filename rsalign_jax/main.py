@@ -6,6 +6,7 @@ Intentionally thin (as in the flax examples): flags, then an importable, tested 
   export  a split's image and caption embeddings with their ids (`modes.export`);
   search  free text -> top-k images, image file -> top-k captions or images (`modes.search`).
 With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std (`modes.seeds`).
+Training saves the resolved config as WORKDIR/config.json; eval, export and search without --config use it.
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
 import sys
@@ -14,7 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from rsalign_jax import train
+from rsalign_jax import configlib, train
 from rsalign_jax.modes import evaluate, export, search, seeds as seeds_lib
 from rsalign_jax.runtime import distributed
 from rsalign_jax.runtime import metric_writer
@@ -47,7 +48,7 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, e.g. 127.0.0.1:12345.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
@@ -56,9 +57,18 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value)
   metric_writer.quiet_library_info_logs()
   try:
-    _run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except workdir_lock.WorkdirBusyError as e:
+    _run(_config(), _WORKDIR.value, _MODE.value)
+  except (workdir_lock.WorkdirBusyError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+
+
+def _config():
+  """--config with its overrides; without it, eval/export/search read the workdir's saved config."""
+  if _CONFIG.value is not None:
+    return _CONFIG.value
+  if _MODE.value == "train":
+    raise app.UsageError("--config is required to train, e.g. --config=configs/hvsa.py")
+  return configlib.load_resolved(_WORKDIR.value)
 
 
 def _run(config, workdir, mode):

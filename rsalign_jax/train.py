@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsalign_jax import experiment, gradcache, optimizers
+from rsalign_jax import configlib, experiment, gradcache, optimizers
 from rsalign_jax.data import pipeline
 from rsalign_jax.serving import gallery
 from rsalign_jax.evaluation import metrics as metrics_lib
@@ -105,6 +105,8 @@ def train_and_evaluate(config, workdir):
 
 def _train_and_evaluate(config, workdir, mesh):
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    configlib.save_resolved(config, workdir)
   data_sharding = sharding_lib.batch_sharding(mesh)
   if config.input.batch_size % jax.device_count():
     raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by the "

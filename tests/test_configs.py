@@ -70,3 +70,19 @@ def test_locked_config_rejects_new_fields():
   with pytest.raises(AttributeError):
     config.optimizer.learning_rate = 0.1
   assert isinstance(config, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("name, arg", [("hvsa", "runlocal"), ("ccls2t", None), ("amfmn", "rsitmd,dynamic"),
+                                       ("rsicd_aid150", None)])
+def test_a_saved_config_loads_back_equal_and_locked(tmp_path, name, arg):
+  config = load_config(name, arg)
+  configlib.save_resolved(config, str(tmp_path))
+  loaded = configlib.load_resolved(str(tmp_path))
+  assert loaded.to_dict() == config.to_dict()  # tuples stay tuples through the JSON file
+  with pytest.raises(AttributeError):
+    loaded.optimizer.learning_rate = 1e-3
+
+
+def test_a_workdir_without_a_saved_config_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match=rf"--workdir={tmp_path} has no config.json .* pass the run's --config"):
+    configlib.load_resolved(str(tmp_path))

@@ -146,6 +146,20 @@ def test_seeds_report_mean_and_std(run, tmp_path, capsys):
   assert json.loads((tmp_path / "seeds_test.json").read_text())["seeds"] == [1, 2, 3]
 
 
+def test_command_line_eval_needs_only_the_workdir(run, capsys, monkeypatch):
+  _, workdir, results = run
+  argv = ["main", f"--workdir={workdir}", "--mode=eval"]  # the run's config.json stands in for --config
+  monkeypatch.setattr(sys, "argv", argv)
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  try:
+    main_lib.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert f"| {results['test']['mR']:.2f} | {results['test']['rsum']:.2f} |" in capsys.readouterr().out
+  assert json.loads((workdir / "eval_test.json").read_text())["metrics"] == results["test"]
+
+
 def test_command_line_eval(run, capsys, monkeypatch):
   config, workdir, results = run
   argv = ["main", f"--config={CONFIGS / 'hvsa.py'}:runlocal", f"--config.dataset.data_dir={config.dataset.data_dir}",
