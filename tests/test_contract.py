@@ -139,3 +139,21 @@ def test_a_method_defined_only_here_trains_evaluates_exports_and_searches(tmp_pa
     gallery = search.load_gallery(loaded)
     [result] = search.text_to_images(loaded, gallery, [gallery.captions[0]], 3)
   assert [r["rank"] for r in result["results"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name, fields", [("hvsa", {}), ("ssjdn", {}), ("ccls2t", {"spacetime": False}),
+                                          ("dual_encoder", {})])
+def test_a_cosine_scoring_model_scores_by_the_cosine_of_its_embeddings(name, fields):
+  model = model_base.model_class(name)(vocab_size=10, **fields)
+  assert model.SCORE == "cosine"
+  images, texts = jax.random.normal(jax.random.key(0), (5, 8)), jax.random.normal(jax.random.key(1), (7, 8))
+  scores = model.apply({}, images, texts, method="score")
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  np.testing.assert_allclose(scores, unit(np.asarray(images)) @ unit(np.asarray(texts)).T, rtol=1e-5, atol=1e-6)
+
+
+def test_score_must_be_declared_as_one_of_the_known_kinds():
+  members = dict(embed_images=lambda self, images, *, train: images, embed_texts=lambda self, t, l, *, train: t,
+                 score=lambda self, a, b: a @ b.T, __call__=lambda self, images, tokens, lengths, *, train: {})
+  with pytest.raises(TypeError, match=r"Dotted.SCORE='dot': expected one of \('cosine', 'model'\)"):
+    type("Dotted", (model_base.RetrievalModel,), dict(members, SCORE="dot"))

@@ -28,6 +28,7 @@ from rsalign_jax.modes import evaluate, export, search
 from rsalign_jax.modes import seeds as seeds_lib
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import checkpointing
+from rsalign_jax.serving import embedding
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,9 @@ def test_export_writes_the_embeddings_the_metrics_come_from(run, tmp_path):
   captions = np.load(tmp_path / "export" / "caption_embeddings.npy")
   assert images.shape == (16, 32) and captions.shape == (80, 32) and images.dtype == np.float32
   assert manifest["checkpoint"] == "best val (step 4)" and len(manifest["images"]["filename"]) == 16
+  assert manifest["score"] == "inner_product"  # HVSA scores by cosine: the rows are L2-normalised
+  np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(captions, axis=1), 1.0, rtol=1e-6)
   assert len(manifest["captions"]["text"]) == 80 and manifest["captions"]["image_row"][:6] == [0] * 5 + [1]
   sim = np.asarray(cosine_similarity(images, captions))
   assert metrics_lib.retrieval_metrics(sim, np.asarray(manifest["captions"]["image_row"])) == results["test"]
@@ -81,6 +85,24 @@ def test_export_writes_the_embeddings_the_metrics_come_from(run, tmp_path):
     table = pq.read_table(tmp_path / "export" / "captions.parquet")
     assert table.column_names == ["row", "text", "image_row", "embedding"] and table.num_rows == 80
     np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), captions)
+
+
+def test_an_inner_product_index_over_the_export_ranks_as_search_does(run, tmp_path):
+  config, workdir, _ = run
+  export.export(config, str(workdir), output_dir=str(tmp_path / "export"))
+  images = np.load(tmp_path / "export" / "image_embeddings.npy")
+  loaded = trained_lib.load(config, str(workdir))
+  with jax.set_mesh(loaded.setup.mesh):
+    gallery = search.load_gallery(loaded, gallery_dir=str(tmp_path / "export"))
+    queries = [gallery.captions[row] for row in range(0, 80, 9)]
+    results = search.text_to_images(loaded, gallery, queries, 16)
+    tokens, lengths = embedding.encode_queries(loaded.setup, queries)
+    texts = embedding.embed_all(loaded.setup, loaded.variables, "texts", embedding.text_batches(
+        loaded.setup, tokens, lengths, embedding.free_text_fields(loaded.setup)))
+  # What a flat inner-product index (faiss IndexFlatIP) does with the exported rows and a normalised query.
+  index_scores = (texts / np.linalg.norm(texts, axis=1, keepdims=True)) @ images.T
+  for result, scores in zip(results, index_scores):
+    assert [r["row"] for r in result["results"]] == np.argsort(-scores, kind="stable").tolist()
 
 
 def test_image_query_ranks_captions_and_bad_queries_are_clear_errors(run, tmp_path):

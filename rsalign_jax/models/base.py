@@ -14,6 +14,9 @@ and declares, as class attributes (or properties, where a config field decides):
                              keywords; every batch, evaluation split and export carries them
   PAIRWISE                   __call__'s outputs couple the examples of a batch (a (B, B) score matrix); gradient
                              caching, which embeds a batch chunk by chunk, refuses such models
+  SCORE                      'cosine': `score` is the cosine of the two embeddings, so L2-normalised embeddings
+                             compared by inner product (any vector index) rank as the model does (exports are
+                             normalised); 'model': `score` needs the model (a learned or pairwise score)
 
 Optional capabilities, declared rather than probed:
 
@@ -29,6 +32,7 @@ from typing import ClassVar
 import flax.linen as nn
 
 TOWER_NAMES = ("image", "text")
+SCORES = ("cosine", "model")
 
 
 class RetrievalModel(nn.Module):
@@ -36,6 +40,7 @@ class RetrievalModel(nn.Module):
   IMAGE_FIELDS: ClassVar[tuple[str, ...]] = ()
   TEXT_FIELDS: ClassVar[tuple[str, ...]] = ()
   PAIRWISE: ClassVar[bool] = False
+  SCORE: ClassVar[str] = "model"
   TRUNKS: ClassVar[tuple[str, ...]] = ()
   HEAD_FIELDS: ClassVar[tuple[str, ...]] = ()
   HASH_CODES: ClassVar[bool] = False
@@ -49,6 +54,8 @@ class RetrievalModel(nn.Module):
     unknown = sorted(set(cls.TRUNKS) - set(TOWER_NAMES))
     if unknown:
       raise TypeError(f"{cls.__module__}.{cls.__qualname__}.TRUNKS: {unknown} not in {TOWER_NAMES}")
+    if cls.SCORE not in SCORES:
+      raise TypeError(f"{cls.__module__}.{cls.__qualname__}.SCORE={cls.SCORE!r}: expected one of {SCORES}")
     if missing:
       raise TypeError(f"{cls.__module__}.{cls.__qualname__} does not define {missing}, which RetrievalModel's "
                       "contract and its declarations require (rsalign_jax/models/base.py)")

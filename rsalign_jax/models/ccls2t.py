@@ -163,6 +163,7 @@ class Model(base.RetrievalModel):
   spacetime_dim: int = 0  # the width of the 'spacetime' field (rsalign_jax.data.fields.SPACETIME_DIM)
   dtype: Any = jnp.float32
 
+  SCORE = "cosine"
   HASH_CODES = True
 
   @property

@@ -43,6 +43,7 @@ def pool_map(maps: jax.Array, pool: str) -> jax.Array:
 
 class Model(base.RetrievalModel):
   """Two towers + projections; `embed_images` and `embed_texts` run independently, `score` is the cosine."""
+  SCORE = "cosine"
   TRUNKS = ("image", "text")
   HEAD_FIELDS = ("embed_dim", "image_pool", "projection_hidden", "projection_dropout")
   vocab_size: int

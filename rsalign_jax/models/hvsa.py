@@ -32,6 +32,7 @@ from rsalign_jax.models import towers
 
 class Model(towers.SwappableTowers, base.RetrievalModel):
   """HVSA's two towers; `embed_images` and `embed_texts` run independently, `score` compares their outputs."""
+  SCORE = "cosine"
   TRUNKS = ("image", "text")
   HEAD_FIELDS = ("embed_dim", "kea_slots")
   vocab_size: int

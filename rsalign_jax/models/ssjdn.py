@@ -132,6 +132,7 @@ class LabelSemanticDecoupling(nn.Module):
 
 class Model(base.RetrievalModel):
   """SSJDN's two towers with shared class prototypes; `__call__` adds the class logits the objective needs."""
+  SCORE = "cosine"
   vocab_size: int
   num_classes: int = 21
   embed_dim: int = 512

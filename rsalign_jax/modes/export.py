@@ -3,10 +3,12 @@
 Writes to an output directory:
 - `image_embeddings.npy` (images, ...) and `caption_embeddings.npy` (captions, ...) float32, one row per image /
   caption in split order (a model whose embeddings are a dict writes one `<kind>_embeddings.<key>.npy` per key);
+  L2-normalised when the model scores by cosine (`SCORE = 'cosine'`), so an inner-product index ranks as it does;
 - for hashing models (`image_codes`/`text_codes` methods, CCLS2T), `image_codes.npy` / `caption_codes.npy`: the
   sign codes packed 32 bits per uint32 word (`hash_index.pack_codes`);
-- `manifest.json`: what produced it (model, dataset, split, checkpoint) and the rows: image ids and filenames,
-  caption texts and the row of each caption's image;
+- `manifest.json`: what produced it (model, dataset, split, checkpoint), `score` ('inner_product' of the normalised
+  rows, or 'model': only the model's own `score` ranks them) and the rows: image ids and filenames, caption texts
+  and the row of each caption's image;
 - with pyarrow installed, `images.parquet` and `captions.parquet` (ids, filenames / texts, embedding lists) for
   (N, D) embeddings.
 Embeddings are computed in global batches sharded over the devices and streamed into memory-mapped .npy files:
@@ -52,9 +54,11 @@ def write(loaded, data, output_dir):
   code_towers = {"image": "image_codes", "caption": "text_codes"}
   counts = {"image": data.index.num_images, "caption": len(data.index.captions)}
   files, code_bits = {}, {}
+  cosine = setup.model.SCORE == "cosine"
   for kind in KINDS:
+    rows = embedding.embed(setup, variables, towers[kind], batches[kind]())
     files[f"{kind}_embeddings"] = _write_npy(output_dir, f"{kind}_embeddings", counts[kind], primary,
-                                             embedding.embed(setup, variables, towers[kind], batches[kind]()))
+                                             map(_unit_rows, rows) if cosine else rows)
     if setup.model.HASH_CODES:
       codes = embedding.embed(setup, variables, code_towers[kind], batches[kind]())
       files[f"{kind}_codes"] = _write_npy(output_dir, f"{kind}_codes", counts[kind], primary,
@@ -63,6 +67,7 @@ def write(loaded, data, output_dir):
   manifest = {
       "format": FORMAT, "model": config.model_name, "dataset": config.dataset.name, "split": data.name,
       "checkpoint": loaded.checkpoint, "step": loaded.step, "files": files, "code_bits": code_bits.get("bits"),
+      "score": "inner_product" if cosine else "model",
       "images": {"image_id": data.index.image_ids.tolist(), "filename": list(data.index.filenames)},
       "captions": {"text": list(data.index.captions), "image_row": data.index.record.tolist()},
   }
@@ -110,6 +115,12 @@ def _write_npy(output_dir, stem, rows, primary, batches):
     if primary:
       array.flush()
   return names[None] if None in names else names
+
+
+def _unit_rows(batch):
+  """(rows, D) embeddings scaled to unit L2 norm (cosine's epsilon for an all-zero row)."""
+  batch = np.asarray(batch, np.float32)
+  return batch / np.maximum(np.linalg.norm(batch, axis=-1, keepdims=True), 1e-8)
 
 
 def _open(output_dir, name, shape, dtype, primary):
