@@ -1,11 +1,13 @@
 """The training input pipeline: epoch coverage, process-count invariance, resumable iterator state."""
 import io
+import types
 
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
 
-from rsalign_jax.data import pipeline
+from rsalign_jax.data import pipeline, sources
 from rsalign_jax.data.sources import CaptionIndex
 from rsalign_jax.data.tokenizers import WordVocab
 
@@ -105,3 +107,21 @@ def test_unknown_or_missing_fields_are_reported():
   items, _ = make_items([{k: v for k, v in r.items() if k != "scene"} for r in fake_source()], fields=("scene",))
   with pytest.raises(ValueError, match="no 'scene' feature"):
     items[0]
+
+
+def test_a_split_the_build_left_empty_or_absent_is_named_before_reading(monkeypatch):
+  class Built:
+    def __init__(self, *args, **kwargs):
+      self.info = types.SimpleNamespace(splits={"train": types.SimpleNamespace(num_examples=9),
+                                                "test": types.SimpleNamespace(num_examples=0)})
+
+    def download_and_prepare(self, **kwargs):
+      pass
+
+  monkeypatch.setattr(sources.tfds, "builder", Built)
+  config = ml_collections.ConfigDict({"name": "synthetic_rs/small", "data_dir": "", "manual_dir": ""})
+  for split in ("test", "val"):
+    with pytest.raises(ValueError, match=rf"dataset 'synthetic_rs/small': split '{split}' is empty or absent in the "
+                                         r"build \(built splits: train \(9 examples\), test \(0 examples\)\); a build "
+                                         r"that skips missing images"):
+      sources.open_split(config, split)

@@ -35,8 +35,21 @@ def open_split(dataset_config, split):
                          file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=dataset_config.get("manual_dir"), try_download_gcs=False))
+  _check_not_empty(name, split, builder.info.splits)
   source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
   return metadata_prompts.with_captions(source, builder.info.features, dataset_config.get("captions", "captions"), name)
+
+
+def _check_not_empty(name, split, splits):
+  """A named split the build left empty or absent is an error that says so (tfds would say only 'Unknown split')."""
+  if any(c in split for c in "[+"):  # a slice or sum of splits: tfds checks each part
+    return
+  if split not in splits or not splits[split].num_examples:
+    built = ", ".join(f"{s} ({info.num_examples} examples)" for s, info in splits.items()) or "none"
+    raise ValueError(f"dataset {name!r}: split {split!r} is empty or absent in the build (built splits: {built}); "
+                     "a build that skips missing images leaves out splits whose images are all missing: add the "
+                     "images under dataset.manual_dir and rebuild, or name other splits "
+                     "(dataset.train_split / val_split / test_split)")
 
 
 def as_text(value):
