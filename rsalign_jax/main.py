@@ -9,6 +9,9 @@ With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> a
 Training saves the resolved config as WORKDIR/config.json; eval, export and search without --config use it.
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
+import difflib
+import importlib.util
+import re
 import sys
 
 from absl import app
@@ -89,5 +92,54 @@ def _run(config, workdir, mode):
                codes=_CODES.value, targets=_TARGETS.value, png=_PNG.value, output=_OUTPUT.value)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with mistakes in --config and its overrides reported in one line (`error: ...`) instead of
+  a traceback: an unknown field gets the closest valid names, a value of the wrong type the expected type."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config does not have
+    sys.exit(f"error: {_unknown_field(argv) or e}")
+  except flags.Error as e:
+    sys.exit(f"error: {_one_line(str(e))}")
+
+
+_EXPECTED = {"invalid literal for int()": "expected an integer", "could not convert string to float": "expected a number"}
+
+
+def _one_line(message):
+  """A flags error in one line: a config file's own exception without the traceback absl wraps it in."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  head = lines[0].split(": Error whilst parsing config file")[0]
+  text = head if len(lines) == 1 else f"{head}: {re.sub(r'^[A-Za-z]*(Error|Exception): ', '', lines[-1])}"
+  hints = [hint for pattern, hint in _EXPECTED.items() if pattern in text]
+  return text + (f" ({hints[0]})" if hints else "")
+
+
+def _unknown_field(argv):
+  """'--config.a.b=v: config.a has no field 'b' (closest: ...)' for the first override naming a missing field."""
+  given = [arg[len("--config="):] for arg in argv if arg.startswith("--config=")]
+  if not given:
+    return None
+  path, _, arg = given[-1].partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("config_of_the_command_line", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except  (the message falls back to ml_collections' own)
+    return None
+  for override in (arg[len("--config."):].split("=")[0] for arg in argv if arg.startswith("--config.")):
+    node, parents = config, ["config"]
+    for name in override.split("."):
+      if not hasattr(node, "keys") or name not in node:
+        fields = sorted(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(name, fields, n=3, cutoff=0.5)
+        guess = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"--config.{override}: {'.'.join(parents)} has no field {name!r}{guess}; its fields: {', '.join(fields)}"
+      node = node[name]
+      parents.append(name)
+  return None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

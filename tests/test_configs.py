@@ -1,4 +1,6 @@
 """Config parsing (`configs/<method>.py:arg`), overrides and locking."""
+import sys
+
 import ml_collections
 import pytest
 from ml_collections import config_flags
@@ -86,3 +88,27 @@ def test_a_saved_config_loads_back_equal_and_locked(tmp_path, name, arg):
 def test_a_workdir_without_a_saved_config_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=rf"--workdir={tmp_path} has no config.json .* pass the run's --config"):
     configlib.load_resolved(str(tmp_path))
+
+
+@pytest.mark.parametrize("arg, override, message", [
+    ("runlocal", "--config.optimizer.learning_rate=1e-3", "error: --config.optimizer.learning_rate: config.optimizer "
+     "has no field 'learning_rate'; its fields: b1, b2, eps, frozen, grad_clip_norm, lr, name, weight_decay"),
+    ("runlocal", "--config.optimzer.lr=1", "error: --config.optimzer.lr: config has no field 'optimzer' (did you "
+     "mean optimizer?); its fields: checkpoint_every_steps, "),
+    ("runlocal", "--config.seed=abc", "error: flag --config.seed=abc: invalid literal for int() with base 10: 'abc' "
+     "(expected an integer)"),
+    ("runlocl", "--config.seed=1", "error: flag --config=CONFIG:runlocl: dataset 'runlocl': expected 'synthetic' "
+     "or one of ['rsicd', 'rsitmd', 'sydney', 'ucm']"),
+])
+def test_command_line_config_mistakes_are_one_line_errors(arg, override, message, monkeypatch):
+  from rsalign_jax import main as main_lib  # pylint: disable=g-import-not-at-top  (defines the command-line flags)
+  argv = ["main", f"--config={CONFIGS / 'hvsa.py'}:{arg}", "--workdir=/tmp/unused", override]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      main_lib.parse_flags(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert str(exit_info.value.code).replace(str(CONFIGS / "hvsa.py"), "CONFIG").startswith(message)
+  assert "\n" not in str(exit_info.value.code)
