@@ -168,24 +168,13 @@ def test_seeds_report_mean_and_std(run, tmp_path, capsys):
   assert json.loads((tmp_path / "seeds_test.json").read_text())["seeds"] == [1, 2, 3]
 
 
-def test_command_line_eval_needs_only_the_workdir(run, capsys, monkeypatch):
-  _, workdir, results = run
-  argv = ["main", f"--workdir={workdir}", "--mode=eval"]  # the run's config.json stands in for --config
-  monkeypatch.setattr(sys, "argv", argv)
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    main_lib.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert f"| {results['test']['mR']:.2f} | {results['test']['rsum']:.2f} |" in capsys.readouterr().out
-  assert json.loads((workdir / "eval_test.json").read_text())["metrics"] == results["test"]
-
-
-def test_command_line_eval(run, capsys, monkeypatch):
+@pytest.mark.parametrize("with_config", [True, False])
+def test_command_line_eval(run, capsys, monkeypatch, with_config):
   config, workdir, results = run
-  argv = ["main", f"--config={CONFIGS / 'hvsa.py'}:runlocal", f"--config.dataset.data_dir={config.dataset.data_dir}",
-          "--config.eval_random_init=false", f"--workdir={workdir}", "--mode=eval"]
+  argv = ["main", f"--workdir={workdir}", "--mode=eval"]  # without --config: the run's config.json
+  if with_config:
+    argv += [f"--config={CONFIGS / 'hvsa.py'}:runlocal", f"--config.dataset.data_dir={config.dataset.data_dir}",
+             "--config.eval_random_init=false"]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
@@ -194,6 +183,7 @@ def test_command_line_eval(run, capsys, monkeypatch):
   finally:
     flags.FLAGS.unparse_flags()
   assert f"| {results['test']['mR']:.2f} | {results['test']['rsum']:.2f} |" in capsys.readouterr().out
+  assert json.loads((workdir / "eval_test.json").read_text())["metrics"] == results["test"]
 
 
 class BagOfWords(model_base.RetrievalModel):
