@@ -19,7 +19,10 @@ class Checkpointer:
   def __init__(self, directory, keep=2):
     barrier_prefix = os.path.basename(os.path.normpath(directory))
     multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix)
-    self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+    # Naming each item's handler lets a fresh manager read a checkpoint's items (without, orbax warns per item).
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "loader": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, multiprocessing_options=multiprocessing))
 
   def latest_step(self):
