@@ -208,10 +208,6 @@ class Setup:
     return evaluator_lib.RetrievalEvaluator(self.split(split), pp_spec=self.pp_eval,
                                             batch_size=self.config.eval_batch_size, mesh=self.mesh)
 
-  def batch_fields(self):
-    """The per-image fields every train batch carries (`batch_fields`)."""
-    return batch_fields(self.config, self.model, self.objective)
-
   def initial_state(self, rng):
     """A fresh sharded train state from `rng`, with `config.init`'s pretrained weights (`load_pretrained`)."""
     state = jax.jit(self.init_fn, out_shardings=self.state_sharding)(rng)
@@ -231,7 +227,8 @@ class Setup:
     return pipeline.TrainItems(
         self.model_records(name, self.train_source), index, tokens, lengths, sampling=config.input.sampling,
         global_batch_size=config.input.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.seed, name=config.dataset.name, fields=self.batch_fields())
+        process_count=jax.process_count(), seed=config.seed, name=config.dataset.name,
+        fields=batch_fields(config, self.model, self.objective))
 
 
 def build_setup(config, workdir, mesh):

@@ -26,10 +26,6 @@ class Split:
   image_fields: dict  # name -> (images, ...): the image tower's per-image inputs
   text_fields: dict  # name -> (captions, ...): the text tower's per-image inputs, one row per caption
 
-  @property
-  def num_images(self):
-    return self.index.num_images
-
   def image(self, position):
     """The record's image as a PIL RGB image (for pictures)."""
     with PIL.Image.open(io.BytesIO(self.source[position]["image"])) as image:
