@@ -1,6 +1,6 @@
 """Content-based image retrieval (CBRSIR) with a trained CCLS2T: float cosine vs Hamming codes vs a two-level index.
 
-  python -m benchmarks.hash_retrieval --workdir=/tmp/wd_ccls2t [--config=configs/ccls2t.py[:arg]]
+  python benchmarks/hash_retrieval.py --workdir=/tmp/wd_ccls2t [--config=configs/ccls2t.py[:arg]]
 
 Trains nothing: restores `workdir/best` (else the newest `workdir/checkpoints`) of a finished run of `--config`,
 embeds the test split (queries) and the train split (gallery) with the eval preprocessing, and prints mAP@K and P@K

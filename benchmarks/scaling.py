@@ -4,8 +4,9 @@
 
 For each device count N (one subprocess each, since XLA fixes the device count per process via
 `--xla_force_host_platform_device_count=N`), jits `train.train_step` of `configs/hvsa.py`'s default config on a
-global batch of N x per_device_batch random 80 px images sharded over a ('data',) mesh, and prints a markdown table
-of images/s and XLA's per-device temporary memory of the compiled step (`memory_analysis().temp_size_in_bytes`).
+global batch of N x per_device_batch random 80 px images sharded over the trainer's ('data', 'fsdp') mesh (shape
+N x 1: fsdp 1, pure data parallelism), and prints a markdown table of images/s and XLA's per-device temporary memory
+of the compiled step (`memory_analysis().temp_size_in_bytes`).
 
 On a CPU host the N virtual devices share the same cores (2 on this project's machine), so images/s cannot grow
 with N: the table shows the sharding overhead (collectives, the (B, B) loss growing with the global batch) and

@@ -1,4 +1,4 @@
-"""AMFMN (Yuan et al., TGRS 2021) as its released code trains it (METHODS.md section 3).
+"""AMFMN (Yuan et al., TGRS 2021) as its released code trains it (docs/METHODS.md §3).
 
   python -m rsalign_jax.main --config=configs/amfmn.py --workdir=DIR                 # synthetic benchmark, CPU size
   python -m rsalign_jax.main --config=configs/amfmn.py:runlocal --workdir=DIR        # a seconds-long smoke run
@@ -9,8 +9,8 @@ gamma 0.6, beta 5, from a caption prior computed in the train step), `att=soft_a
 `runlocal`, `manual_dir=PATH`, `seed=N`, `data_dir=PATH`, `image_size=N` (a multiple of 16: MVSA needs it) and
 the towers of configlib.swap_towers: `image_backbone=resnet|lite0|lite2` (ImageNet EfficientNet-Lite),
 `text_encoder=gru|minilm`, `frozen=image|text|image+text`.
-The real-dataset args carry the released settings (METHODS 3.5): 256 px, ResNet-18 width 64, GRU 620/2400, embed
-512, soft_att, Adam (no decay) at lr 1e-4 (RSICD) / 2e-4 (RSITMD; UCM and Sydney, which the code does not
+The real-dataset args carry the released settings (docs/METHODS.md §3.5): 256 px, ResNet-18 width 64, GRU 620/2400,
+embed 512, soft_att, Adam (no decay) at lr 1e-4 (RSICD) / 2e-4 (RSITMD; UCM and Sydney, which the code does not
 configure, use it too), x0.7 at epochs 19, 39, 59, 70 epochs, batch 100 (a device count dividing 100: 1, 2, 4),
 margin 0.2 summed over all negatives, resize 278 + random crop 256 (the reference's rotation is a no-op).
 """

@@ -1,8 +1,8 @@
-"""CCLS2T (Zhu et al., TGRS 2024), our design of it (METHODS.md Part B section 4.2; the paper is not public).
+"""CCLS2T (Zhu et al., TGRS 2024), our design of it (docs/METHODS.md Part B §4.2; the paper is not public).
 
   python -m rsalign_jax.main --config=configs/ccls2t.py --workdir=DIR            # synthetic benchmark, CPU size
   python -m rsalign_jax.main --config=configs/ccls2t.py:runlocal --workdir=DIR   # a seconds-long smoke run
-  python -m benchmarks.hash_retrieval --workdir=DIR                              # CBRSIR: hash codes + index
+  python benchmarks/hash_retrieval.py --workdir=DIR                              # CBRSIR: hash codes + index
 Arg options: a dataset (`synthetic`, `rsicd`, `rsitmd`, `ucm`, `sydney`), `runlocal`, `manual_dir=PATH`, `seed=N`.
 
 On the synthetic benchmark the captions are the images' metadata prompts (`dataset.captions='metadata_prompt'`),
@@ -10,7 +10,7 @@ the text tower takes the `spacetime` field, and the hash loss treats same-scene 
 serve class-level image->image retrieval. The trainer's i2t/t2i table then measures matching an image with its own
 metadata prompt among all test prompts. The real caption datasets carry no acquisition metadata: their args train
 the same towers and hash heads on the human captions, without the spacetime input and reconstruction, at the sizes
-METHODS 4.2 suggests (256 px, ResNet-18 width 64, 4-layer d-512 text transformer, 64 bits).
+docs/METHODS.md Part B §4.2 gives (256 px, ResNet-18 width 64, 4-layer d-512 text transformer, 64 bits).
 """
 from rsalign_jax import configlib
 from rsalign_jax.data import fields

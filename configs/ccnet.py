@@ -1,4 +1,4 @@
-"""CCNet (Sha et al., JSTARS 2025) as this project interprets it (METHODS.md Part B section 2.2).
+"""CCNet (Sha et al., JSTARS 2025) as this project interprets it (docs/METHODS.md Part B §2.2).
 
   python -m rsalign_jax.main --config=configs/ccnet.py --workdir=DIR                 # synthetic benchmark, CPU size
   python -m rsalign_jax.main --config=configs/ccnet.py:runlocal --workdir=DIR        # a seconds-long smoke run
@@ -6,10 +6,10 @@
 Arg options: a dataset (`synthetic`, `rsicd`, `rsitmd`, `ucm`, `sydney`), `runlocal`, `manual_dir=PATH`, `seed=N`.
 
 The paper publishes no settings; ours: the loss's class term uses the `scene` field with the dataset's class count
-(NUM_CLASSES, the builders' ClassLabels). Sydney-Captions has no scene label, so its config trains with
-class_weight 0 (L_itc only) rather than failing. Real datasets adapt METHODS 2.2.5 (PIR/HarMA's recipe) to towers
-trained from scratch: 256 px, ResNet-18 width 64, GRU 620/2400, d 512, batch 128, 50 epochs, AdamW wd 0.04 with
-5 warm-up epochs (10%) and x0.1 steps at epochs 19 and 39 in place of the linear decay, max 47 tokens (PIR), and
+(NUM_CLASSES, the builders' ClassLabels). Sydney-Captions has no scene label, so its config trains with class_weight
+0 (L_itc only) rather than failing. Real datasets adapt docs/METHODS.md Part B §2.2.5 (PIR/HarMA's recipe) to towers
+trained from scratch: 256 px, ResNet-18 width 64, GRU 620/2400, d 512, batch 128, 50 epochs, AdamW wd 0.04 with 5
+warm-up epochs (10%) and x0.1 steps at epochs 19 and 39 in place of the linear decay, max 47 tokens (PIR), and
 HVSA's learning rate (5e-4), since PIR's 6e-5 is for a pretrained backbone.
 """
 from rsalign_jax import configlib

@@ -1,4 +1,4 @@
-"""HVSA (Zhang et al., TGRS 2023) as its released code trains it (METHODS.md section 2).
+"""HVSA (Zhang et al., TGRS 2023) as its released code trains it (docs/METHODS.md §2).
 
   python -m rsalign_jax.main --config=configs/hvsa.py --workdir=DIR                 # synthetic benchmark, CPU size
   python -m rsalign_jax.main --config=configs/hvsa.py:runlocal --workdir=DIR        # a seconds-long smoke run

@@ -8,7 +8,7 @@ import ml_collections
 def parse_arg(arg, *, positional=None, **defaults):
   """Parses a `configs/x.py:arg` string into a ConfigDict of typed values.
 
-  `arg` is a comma-separated list of `key=value` or bare `key` items, e.g. `"rsicd,runlocal,batch_size=64"`.
+  `arg` is a comma-separated list of `key=value` or bare `key` items, e.g. `"rsitmd,runlocal,seed=1"`.
   Values take the type of their default (booleans strictly `True/False/true/false/1/0`). A bare key with a
   boolean default sets it to True; any other bare word is assigned to the `positional` key (e.g. the dataset).
   Unknown keys are errors, so a typo never silently changes nothing.
