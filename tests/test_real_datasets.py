@@ -99,7 +99,8 @@ def test_every_builder_has_the_feature_names_the_trainer_reads(tmp_path):
     assert set(builder_cls(data_dir=tmp_path).info.features) == common | extra, builder_cls.name
   assert [c.name for c in rsicd.Rsicd.BUILDER_CONFIGS] == ["default", "skip_missing_images"]
   assert [c.name for c in amfmn_splits.AmfmnSplits.BUILDER_CONFIGS] == [
-      "rsicd", "rsicd_skip_missing_images", "rsitmd", "rsitmd_skip_missing_images"]
+      f"{name}{skip}" for name in ("rsicd", "rsitmd", "ucm", "sydney") for skip in ("", "_skip_missing_images")]
+  assert set(amfmn_splits.AmfmnSplits(config="sydney", data_dir=tmp_path).info.features) == common
 
 
 def test_rsicd_builds_through_sources_with_official_splits_and_repairs(rsicd_dir, tmp_path):
@@ -220,13 +221,13 @@ def test_amfmn_splits_rsitmd_keeps_blank_caption_lines_and_counts_them(tmp_path)
 
 @pytest.mark.skipif(not AMFMN_SPLITS.is_dir(), reason="../shared/data/amfmn_splits is absent")
 def test_real_amfmn_split_files_parse_with_their_documented_quirks():
-  splits = amfmn_splits.read_split_files(AMFMN_SPLITS / "rsitmd", pathlib.Path("images"), rsitmd.SCENE_CLASSES)
+  splits = amfmn_splits.read_split_files(AMFMN_SPLITS / "rsitmd", pathlib.Path("images"), rsitmd.Rsitmd.scene_of_file)
   assert {s: len(r) for s, r in splits.items()} == {"train": 4291, "test": 452}
   blank = [r.filename for r in splits["train"] if amfmn_splits.BLANK_KEPT in r.repairs]
   assert blank == ["mountain_2378.tif", "railwaystation_3254.tif", "storagetanks_4367.tif", "viaduct_4635.tif"]
   assert sum(r.captions.count("") for r in splits["train"]) == 20
   assert tuple(map(len, karpathy.papers_split(splits["train"]))) == (3861, 430)
-  splits = amfmn_splits.read_split_files(AMFMN_SPLITS / "rsicd", pathlib.Path("images"), rsicd.SCENE_CLASSES)
+  splits = amfmn_splits.read_split_files(AMFMN_SPLITS / "rsicd", pathlib.Path("images"), rsicd.Rsicd.scene_of_file)
   assert {s: len(r) for s, r in splits.items()} == {"train": 9828, "test": 1093}
   assert sum(r.captions.count(".") for r in splits["train"]) == 3
 
@@ -324,7 +325,8 @@ def test_missing_images_fail_with_count_and_names_or_are_skipped_and_counted(rsi
       r"rsicd: 6 images named in the dataset files are missing under .*RSICD; first 5: "
       r"\['RSICD_images/airport_1\.jpg', "
       r"'RSICD_images/beach_2\.jpg', 'RSICD_images/00001\.jpg', 'RSICD_images/school_7\.jpg', "
-      r"'RSICD_images/river_3\.jpg'\]\. Use the builder config 'rsicd/skip_missing_images' to skip them\.")):
+      r"'RSICD_images/river_3\.jpg'\]\. Add them, or skip them \(counted in the dataset's metadata\) with "
+      r"--config\.dataset\.name=rsicd/skip_missing_images$")):
     _build(rsicd.Rsicd, rsicd_dir, tmp_path / "data")
   builder = _build(rsicd.Rsicd, rsicd_dir, tmp_path / "data", config="skip_missing_images")
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"test": 1}
@@ -333,8 +335,9 @@ def test_missing_images_fail_with_count_and_names_or_are_skipped_and_counted(rsi
 
 
 def test_corrupt_image_and_missing_manual_dir_errors(rsicd_dir, tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"rsicd: set dataset.manual_dir to the folder holding the dataset's "
-                                              r"files\. Manual directory .*absent does not exist or is empty"):
+  with pytest.raises(FileNotFoundError, match=r"^rsicd: manual_dir .*absent does not exist or is empty; expected "
+                                              r"dataset_rsicd\.json \(Karpathy format\) and RSICD_images/ in "
+                                              r"manual_dir\. Set --config\.dataset\.manual_dir"):
     _build(rsicd.Rsicd, tmp_path / "absent", tmp_path / "data")
   (rsicd_dir / "RSICD_images/beach_2.jpg").write_bytes(b"not a jpeg")
   with pytest.raises(ValueError, match=r"RSICD_images/beach_2\.jpg: unreadable image \(cannot identify image file"):
@@ -369,19 +372,20 @@ def test_amfmn_split_file_errors_name_the_file_and_line(tmp_path, file, text, ma
   root = _amfmn_dir(tmp_path)
   (root / file).write_text(text)
   with pytest.raises(ValueError, match=match):
-    amfmn_splits.read_split_files(root, root / "images", rsicd.SCENE_CLASSES)
+    amfmn_splits.read_split_files(root, root / "images", rsicd.Rsicd.scene_of_file)
 
 
 def test_amfmn_builder_needs_the_four_files_and_an_image_folder(tmp_path):
   root = _amfmn_dir(tmp_path)
   (root / "images").rename(root / "imgs")
-  with pytest.raises(FileNotFoundError, match=r"split_files: no image folder; expected images/ or RSICD_images/ next "
-                                              r"to the split files"):
+  with pytest.raises(FileNotFoundError, match=r"split_files: no image folder; amfmn_splits/rsicd expects the "
+                                              r"AMFMN/HVSA split files \(.*\) and images/ or RSICD_images/ in "
+                                              r"manual_dir"):
     _build(amfmn_splits.AmfmnSplits, root, tmp_path / "data", config="rsicd")
   (root / "test_caps.txt").unlink()
-  with pytest.raises(FileNotFoundError, match=r"test_caps\.txt: file not found; amfmn_splits needs train_caps\.txt, "
-                                              r"train_filename\.txt, test_caps\.txt, test_filename\.txt and an image "
-                                              r"folder in manual_dir"):
+  with pytest.raises(FileNotFoundError, match=r"split_files: missing test_caps\.txt; amfmn_splits/rsitmd expects the "
+                                              r"AMFMN/HVSA split files \(train_caps\.txt, train_filename\.txt, "
+                                              r"test_caps\.txt, test_filename\.txt\) and images/ in manual_dir"):
     _build(amfmn_splits.AmfmnSplits, root, tmp_path / "data", config="rsitmd")
 
 
@@ -463,7 +467,8 @@ def test_amfmn_rsicd_split_files_build_on_rsicd_aid150_images_skipping_the_absen
   for name in amfmn_splits.SPLIT_FILES:
     (manual_dir / name).symlink_to(AMFMN_SPLITS / "rsicd" / name)
   (manual_dir / "RSICD_images").symlink_to(RSICD_AID150 / "RSICD_images")
-  with pytest.raises(FileNotFoundError, match=r"amfmn_splits: 910 images named in the dataset files are missing"):
+  with pytest.raises(FileNotFoundError, match=r"amfmn_splits/rsicd: 910 images named in the dataset files are "
+                                              r"missing"):
     _build(amfmn_splits.AmfmnSplits, manual_dir, tmp_path / "data", config="rsicd")
   builder = _build(amfmn_splits.AmfmnSplits, manual_dir, tmp_path / "data", config="rsicd_skip_missing_images")
   # The 844 train and 66 test images absent from rsicd_aid150 are its missing numeric-named RSICD images; the rest

@@ -17,6 +17,9 @@ Repairs are never silent: each one is recorded on its record, logged per split a
     other captions. An image with no non-empty caption is an error naming it.
   * `missing_image_skipped`: images named in the dataset files but absent on disk are an error (count and first 5
     names) unless the `*skip_missing_images` builder config is used, which skips them.
+
+A `manual_dir` that is absent, empty or in another layout is an error naming the folder, the layout the builder
+expects (`CaptionDatasetBuilder.layout`) and what the folder holds.
 """
 import abc
 import collections
@@ -37,10 +40,11 @@ from PIL import Image
 NUM_CAPTIONS = 5
 OFFICIAL_SPLITS = ("train", "val", "test")
 PAPERS_SPLITS = ("train_papers", "val_papers")
-# The papers' validation split (`generate_random_samples` of HVSA and AMFMN, METHODS.md 1.1): their training images
-# are shuffled, the first int(p * N) train and the rest validate. HVSA uses p = 0.9, AMFMN 0.8. Their training images
-# are every non-test image (RSICD's json train + val = AMFMN's 9,828-image train file), so the builders re-split the
-# union of the non-test splits. They shuffle with Python's `random`; here numpy's generator with a fixed seed.
+# The papers' validation split (`generate_random_samples` of HVSA and AMFMN, docs/METHODS.md §1.1): their training
+# images are shuffled, the first int(p * N) train and the rest validate. HVSA uses p = 0.9, AMFMN 0.8. Their training
+# images are every non-test image (RSICD's json train + val = AMFMN's 9,828-image train file), so the builders
+# re-split the union of the non-test splits. They shuffle with Python's `random`; here numpy's generator with a fixed
+# seed.
 PAPERS_TRAIN_FRACTION = 0.9
 PAPERS_SPLIT_SEED = 0
 NO_SCENE = -1  # ClassLabel value of images whose file name carries no class (RSICD's `00001.jpg` style names)
@@ -125,13 +129,25 @@ def papers_split(records, fraction=PAPERS_TRAIN_FRACTION, seed=PAPERS_SPLIT_SEED
   return [records[i] for i in np.sort(order[:cut])], [records[i] for i in np.sort(order[cut:])]
 
 
-def manual_dir_of(dl_manager, dataset):
-  """`dl_manager.manual_dir` as a path, with an error that says which dataset needs it and what to put there."""
+def listing(folder, limit=8):
+  """What `folder` holds, for error messages: its first `limit` entries by name (folders end in /)."""
+  names = sorted(p.name + "/" * p.is_dir() for p in pathlib.Path(folder).iterdir())
+  more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more or "nothing"
+
+
+def manual_dir_of(dl_manager, dataset, layout):
+  """`dl_manager.manual_dir` as a path; when it is absent or empty, an error that says what to put there and how."""
   try:
     return pathlib.Path(os.fspath(dl_manager.manual_dir))
-  except AssertionError as e:
+  except AssertionError as e:  # tfds' message would add the multi-line download instructions
+    found = re.match(r"Manual directory (.+) does not exist or is empty", str(e))
+    problem = f"manual_dir {found.group(1)} does not exist or is empty" if found else "no manual_dir"
+    if found and pathlib.Path(found.group(1)) == pathlib.Path(dl_manager.download_dir) / "manual":
+      problem = f"dataset.manual_dir is not set (and tfds' default {found.group(1)} is absent or empty)"
     raise FileNotFoundError(
-        f"{dataset}: set dataset.manual_dir to the folder holding the dataset's files. {e}") from None
+        f"{dataset}: {problem}; expected {layout}. Set --config.dataset.manual_dir (or manual_dir= in the "
+        f"config arg) to the folder that holds them.") from None
 
 
 @dataclasses.dataclass(eq=False)
@@ -141,6 +157,7 @@ class CaptionBuilderConfig(tfds.core.BuilderConfig):
 
 
 def skip_missing_config_name(name):
+  """The builder config that skips missing images of config `name`."""
   return "skip_missing_images" if name == "default" else f"{name}_skip_missing_images"
 
 
@@ -173,6 +190,16 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     """Features beyond the common ones, filled from `Record.labels`."""
     return {}
 
+  def layout(self):
+    """What `manual_dir` must hold, as one phrase for error messages."""
+    return "the dataset's files in manual_dir"
+
+  @property
+  def dataset_name(self):
+    """The `dataset.name` that selects this builder and config."""
+    config = self.builder_config.name
+    return self.name if config == "default" else f"{self.name}/{config}"
+
   def _info(self):
     return self.dataset_info_from_configs(
         description=sys.modules[type(self).__module__].__doc__,
@@ -191,7 +218,7 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     )
 
   def _split_generators(self, dl_manager):
-    manual_dir = manual_dir_of(dl_manager, self.name)
+    manual_dir = manual_dir_of(dl_manager, self.dataset_name, self.layout())
     splits = self._drop_or_fail_on_missing_images(self._read_splits(manual_dir), manual_dir)
     pool = [record for split, records in splits.items() if split != "test" for record in records]
     splits.update(zip(PAPERS_SPLITS, papers_split(pool)))
@@ -208,9 +235,9 @@ class CaptionDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
       return splits
     if not self.builder_config.skip_missing_images:
       raise FileNotFoundError(
-          f"{self.name}: {len(names)} images named in the dataset files are missing under {manual_dir}; first 5: "
-          f"{names[:5]}. Use the builder config "
-          f"'{self.name}/{skip_missing_config_name(self.builder_config.name)}' to skip them.")
+          f"{self.dataset_name}: {len(names)} images named in the dataset files are missing under {manual_dir}; "
+          f"first 5: {names[:5]}. Add them, or skip them (counted in the dataset's metadata) with "
+          f"--config.dataset.name={self.name}/{skip_missing_config_name(self.builder_config.name)}")
     logging.warning("%s: skipping %d images named in the dataset files but missing under %s (%s); first 5: %s",
                     self.name, len(names), manual_dir,
                     ", ".join(f"{split} {len(m)}" for split, m in missing.items() if m), names[:5])
@@ -304,22 +331,39 @@ class KarpathyBuilder(CaptionDatasetBuilder, skip_registration=True):
   """A dataset published as `manual_dir/JSON_NAME` (Karpathy format) and `manual_dir/IMAGE_DIR/<filename>`.
 
   `scene` is a ClassLabel over SCENE_CLASSES from `<class>_<n>` file names (NO_SCENE for other names); a dataset
-  whose scene is not derivable sets SCENE_CLASSES = () and has no `scene` feature.
+  whose scene is not derivable sets SCENE_CLASSES = () and has no `scene` feature. AMFMN_NAME is the dataset's name
+  in the AMFMN/HVSA releases (`data/<name>_precomp`), which is its config of the `amfmn_splits` builder.
   """
 
   JSON_NAME = ""
   IMAGE_DIR = ""
   SCENE_CLASSES = ()
   WITH_KEYWORDS = False
+  AMFMN_NAME = ""
 
   def _label_features(self):
     return {"scene": tfds.features.ClassLabel(names=self.SCENE_CLASSES)} if self.SCENE_CLASSES else {}
 
+  def layout(self):
+    return f"{self.JSON_NAME} (Karpathy format) and {self.IMAGE_DIR}/ in manual_dir"
+
+  @classmethod
+  def scene_of_file(cls, filename, where):
+    """The scene class of an image from its file name alone, as the AMFMN/HVSA split files give it."""
+    return scene_from_prefix(filename, cls.SCENE_CLASSES, where)
+
   def scene_of(self, filename, image_id, where):
     del image_id
-    return scene_from_prefix(filename, self.SCENE_CLASSES, where)
+    return self.scene_of_file(filename, where)
 
   def _read_splits(self, manual_dir):
+    for path in (manual_dir / self.JSON_NAME, manual_dir / self.IMAGE_DIR):
+      if not path.exists():
+        hint = ""
+        if (manual_dir / "train_caps.txt").is_file():  # the first of the AMFMN/HVSA split files
+          hint = f" Those are AMFMN/HVSA split files: use --config.dataset.name=amfmn_splits/{self.AMFMN_NAME}"
+        raise FileNotFoundError(f"{path}: not found; {self.dataset_name} expects {self.layout()} (manual_dir "
+                                f"{manual_dir} holds: {listing(manual_dir)}).{hint}")
     return read_karpathy_json(manual_dir / self.JSON_NAME, manual_dir / self.IMAGE_DIR,
                               scene_of=self.scene_of if self.SCENE_CLASSES else None,
                               with_keywords=self.WITH_KEYWORDS)

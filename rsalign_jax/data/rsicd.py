@@ -20,6 +20,7 @@ class Rsicd(karpathy.KarpathyBuilder):
 
   JSON_NAME = "dataset_rsicd.json"
   IMAGE_DIR = "RSICD_images"
+  AMFMN_NAME = "rsicd"
   SCENE_CLASSES = SCENE_CLASSES
   HOMEPAGE = "https://github.com/201528014227051/RSICD_optimal"
   CITATION = """@article{lu2018rsicd,

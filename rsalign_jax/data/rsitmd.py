@@ -19,6 +19,7 @@ class Rsitmd(karpathy.KarpathyBuilder):
 
   JSON_NAME = "dataset_RSITMD.json"
   IMAGE_DIR = "images"
+  AMFMN_NAME = "rsitmd"
   SCENE_CLASSES = SCENE_CLASSES
   WITH_KEYWORDS = True
   HOMEPAGE = "https://github.com/xiaoyuan1996/AMFMN"

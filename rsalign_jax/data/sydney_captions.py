@@ -14,6 +14,7 @@ class SydneyCaptions(karpathy.KarpathyBuilder):
 
   JSON_NAME = "dataset.json"
   IMAGE_DIR = "imgs"
+  AMFMN_NAME = "sydney"
   HOMEPAGE = "https://github.com/201528014227051/RSICD_optimal"
   CITATION = """@inproceedings{qu2016captions,
   title={Deep semantic understanding of high resolution remote sensing image},
