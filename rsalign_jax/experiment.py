@@ -1,7 +1,8 @@
 """What a config builds before any step runs: tokenizer, model, objective, optimizer and the train state's shapes.
 
-`build_setup(config, workdir, mesh)` reads the training split once and returns a `Setup`, which the trainer and the
-modes that load a trained state (`main --mode=eval|export|search`) share. Models and objectives are found by module
+`build_setup(config, workdir, mesh)` returns a `Setup`, which the trainer, the modes that load a trained state
+(`main --mode=eval|export|search`) and `rsalign_jax.load` share: training reads the training split once and saves in
+the workdir what rebuilds the model without it; loading reads those files and opens the dataset only for a split. Models and objectives are found by module
 path (`rsalign_jax.models.<model_name>`, `rsalign_jax.losses.<loss_name>`) and keep the contracts written in
 `rsalign_jax/models/base.py` and `rsalign_jax/losses/base.py`; the batch fields come from their declarations.
 """
@@ -14,13 +15,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from rsalign_jax import optimizers
+from rsalign_jax import input_spec, optimizers
 from rsalign_jax import trunk_cache as trunk_cache_lib
-from rsalign_jax.data import fields as fields_lib
-from rsalign_jax.data import pipeline, preprocessing, sources
+from rsalign_jax.data import pipeline, sources
 from rsalign_jax.data import splits as splits_lib
 from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
@@ -61,24 +60,49 @@ def build_objective(config, tokenizer=None):
 
 
 def load_tokenizer(config, train_captions, workdir):
-  """`text.tokenizer`: 'word' (the papers' vocabulary: `text.vocab_file`, else the one saved in workdir, else built
-  from the train captions and saved) or 'wordpiece' (BERT-style towers; `text.vocab_file` is a vocab.txt)."""
+  """`text.tokenizer`: 'word' (the papers' vocabulary: `text.vocab_file`, else built from the train captions) or
+  'wordpiece' (BERT-style towers; `text.vocab_file` is a vocab.txt).
+
+  The tokenizer a workdir trained with is kept in it (`vocab.json` / `vocab.txt`) and read from there first, so a
+  workdir rebuilds its model alone (`train_captions=None`: no dataset at hand); a different `text.vocab_file` for
+  a trained workdir is an error, not a silent switch.
+  """
   kind = config.text.tokenizer
+  if kind not in TOKENIZER_FILES:
+    raise ValueError(f"text.tokenizer={kind!r}: expected one of {tuple(TOKENIZER_FILES)}")
+  saved = os.path.join(workdir, TOKENIZER_FILES[kind]) if workdir else ""
+  kept = bool(saved) and os.path.exists(saved)
+  vocab_file = config.text.get("vocab_file")
+  if kind == "wordpiece" and not (vocab_file or kept):
+    raise ValueError("text.tokenizer='wordpiece' needs text.vocab_file: a BERT/MiniLM vocab.txt")
   if kind == "wordpiece":
-    if not config.text.get("vocab_file"):
-      raise ValueError("text.tokenizer='wordpiece' needs text.vocab_file: a BERT/MiniLM vocab.txt")
-    return WordPieceTokenizer(config.text.vocab_file)
-  if kind != "word":
-    raise ValueError(f"text.tokenizer={kind!r}: expected 'word' or 'wordpiece'")
-  if config.text.get("vocab_file"):
-    return WordVocab.load(config.text.vocab_file, config.text.stopwords)
-  path = os.path.join(workdir, "vocab.json")
-  if os.path.exists(path):
-    return WordVocab.load(path)
-  vocab = WordVocab.build(train_captions, min_count=config.text.min_count, stopwords=config.text.stopwords)
-  if jax.process_index() == 0:
-    vocab.save(path)
-  return vocab
+    tokenizer = WordPieceTokenizer(saved if kept else vocab_file)
+  elif kept:
+    tokenizer = WordVocab.load(saved)
+  elif vocab_file:
+    tokenizer = WordVocab.load(vocab_file, config.text.stopwords)
+  elif train_captions is None:
+    raise FileNotFoundError(f"{saved}: no vocabulary saved in the workdir (trained before workdirs kept it); "
+                            "rebuild it from the dataset: pass the run's --config with its dataset present")
+  else:
+    tokenizer = WordVocab.build(train_captions, min_count=config.text.min_count, stopwords=config.text.stopwords)
+  if kept:
+    _check_same_vocabulary(tokenizer, vocab_file, kind, saved)
+  elif saved and jax.process_index() == 0:
+    tokenizer.save(saved)
+  return tokenizer
+
+
+TOKENIZER_FILES = {"word": "vocab.json", "wordpiece": "vocab.txt"}
+
+
+def _check_same_vocabulary(tokenizer, vocab_file, kind, saved):
+  if not vocab_file or not os.path.exists(vocab_file):
+    return
+  given = WordPieceTokenizer(vocab_file) if kind == "wordpiece" else WordVocab.load(vocab_file)
+  if given.vocabulary() != tokenizer.vocabulary():
+    raise ValueError(f"text.vocab_file={vocab_file}: differs from the vocabulary this workdir trained with "
+                     f"({saved}); use a new --workdir for a new vocabulary")
 
 
 def batch_fields(config, model, objective):
@@ -153,8 +177,6 @@ class Setup:
   """
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  train_source: object
-  train_index: sources.CaptionIndex
   vocab: object
   model: flax.linen.Module
   objective: flax.linen.Module
@@ -167,6 +189,20 @@ class Setup:
   retrieval: evaluator_lib.Retrieval
   trunk_cache: trunk_cache_lib.TrunkCache | None = None  # frozen trunks' outputs, when the model reads those
   splits: dict = dataclasses.field(default_factory=dict)  # name -> splits.Split, read on first use
+  train_data: tuple | None = None  # (records, CaptionIndex) of the training split, read on first use
+
+  @property
+  def train_source(self):
+    return self._train_data()[0]
+
+  @property
+  def train_index(self):
+    return self._train_data()[1]
+
+  def _train_data(self):
+    if self.train_data is None:
+      self.train_data = read_train_split(self.config)
+    return self.train_data
 
   @property
   def frozen(self):
@@ -231,26 +267,44 @@ class Setup:
         fields=batch_fields(config, self.model, self.objective))
 
 
-def build_setup(config, workdir, mesh):
-  """Reads the training split's captions, loads or builds the tokenizer, and builds the model, objective,
-  optimizer and the (abstract, sharded) train state. Nothing is initialised or trained."""
-  train_source = sources.open_split(config.dataset, config.dataset.train_split)
-  train_index = sources.CaptionIndex.read(train_source)
-  vocab = load_tokenizer(config, train_index.captions, workdir)
-  steps_per_epoch = _num_items(config, train_index) // config.input.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"input.batch_size={config.input.batch_size} exceeds the {_num_items(config, train_index)} "
-                     "training items")
+def read_train_split(config):
+  """(records, CaptionIndex) of the training split."""
+  source = sources.open_split(config.dataset, config.dataset.train_split)
+  return source, sources.CaptionIndex.read(source)
+
+
+def build_setup(config, workdir, mesh, *, training=True):
+  """Builds the tokenizer, model, objective, optimizer and the (abstract, sharded) train state. Nothing is
+  initialised or trained.
+
+  training: reads the training split (its captions build the vocabulary, its first record gives the input shapes)
+  and saves in `workdir` what rebuilds the model without it (the tokenizer, `input_spec.InputSpec`, the frozen
+  trunks of a trunk cache); otherwise those saved files are read and the dataset is opened only if a split is
+  asked for (`Setup.split`), so a copied workdir embeds texts and image files alone.
+  """
+  spec = None if training else input_spec.InputSpec.load(workdir)
+  train_data = None if spec else read_train_split(config)
+  vocab = load_tokenizer(config, train_data[1].captions if train_data else None, workdir)
   model = build_model(config, vocab.size)
   objective = build_objective(config, vocab)
-  schedule = optimizers.make_schedule(config, steps_per_epoch)
-  example = _example_batch(config, train_source, train_index, vocab, batch_fields(config, model, objective))
+  if spec is None:
+    num_items = _num_items(config, train_data[1])
+    if num_items < config.input.batch_size:
+      raise ValueError(f"input.batch_size={config.input.batch_size} exceeds the {num_items} training items")
+    spec = input_spec.InputSpec.describe(config, train_data[0], train_data[1].captions, vocab,
+                                         batch_fields(config, model, objective), num_items // config.input.batch_size)
+    if training and jax.process_index() == 0:
+      spec.save(workdir)
+  schedule = optimizers.make_schedule(config, spec.steps_per_epoch)
+  example = spec.example_batch(config.text.max_len)
   cache = None
   if trunk_cache_lib.enabled(config):
     full_model, full_example = model, example
     model = build_model(config, vocab.size, precomputed=trunk_cache_lib.cached_towers(config))
-    cache = trunk_cache_lib.TrunkCache(config, full_model, lambda: pretrained_model_variables(
-        full_model, config, full_example, jax.random.key(config.seed)), vocab)
+    cache = trunk_cache_lib.TrunkCache(config, full_model, functools.partial(
+        _trunk_variables, full_model, config, full_example, workdir), vocab)
+    if training:
+      cache.variables()  # computed (and saved in the workdir) now, so the workdir embeds new inputs alone
     example = {**example, **_trunk_example(full_model, full_example, cache.towers)}
   # On cached trunks optimizer.frozen named the trunks: the heads are all trained (checked below).
   tx = optimizers.make_optimizer(config, schedule, frozen=() if cache else None)
@@ -266,8 +320,28 @@ def build_setup(config, workdir, mesh):
                                 abstract_state, state_sharding)
   if cache is not None:
     _check_heads_trained(abstract_state.params, optimizers.frozen_patterns(config))
-  return Setup(config, mesh, train_source, train_index, vocab, model, objective, schedule, tx, steps_per_epoch,
-               init_fn, abstract_state, state_sharding, evaluator_lib.Retrieval(model, mesh), cache)
+  return Setup(config=config, mesh=mesh, vocab=vocab, model=model, objective=objective, schedule=schedule, tx=tx,
+               steps_per_epoch=spec.steps_per_epoch, init_fn=init_fn, abstract_state=abstract_state,
+               state_sharding=state_sharding, retrieval=evaluator_lib.Retrieval(model, mesh), trunk_cache=cache,
+               train_data=train_data)
+
+
+TRUNK_VARIABLES = "trunk_variables.msgpack"
+
+
+def _trunk_variables(full_model, config, example, workdir):
+  """The frozen trunks' variables: WORKDIR/trunk_variables.msgpack, else `config.init`'s pretrained weights
+  (`pretrained_model_variables`), then saved there."""
+  path = os.path.join(workdir, TRUNK_VARIABLES)
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      return flax.serialization.msgpack_restore(f.read())
+  variables = jax.device_get(pretrained_model_variables(full_model, config, example, jax.random.key(config.seed)))
+  if jax.process_index() == 0:
+    with open(f"{path}.tmp", "wb") as f:
+      f.write(flax.serialization.msgpack_serialize(variables))
+    os.replace(f"{path}.tmp", path)
+  return variables
 
 
 def _check_heads_trained(params, patterns):
@@ -293,21 +367,6 @@ def _trunk_example(full_model, example, towers):
                          variables)
     trunk_example.update(tokens=jnp.zeros(out.shape, jnp.float32), lengths=jnp.ones(out.shape[:1], jnp.int32))
   return trunk_example
-
-
-def _example_batch(config, train_source, train_index, vocab, field_names, rows=16):
-  """Zero inputs shaped like a train batch, for initialisation (shapes only; enough rows for strided sub-batches
-  inside objectives)."""
-  example_image = preprocessing.parse(config.input.pp_eval)(train_source[0]["image"], np.random.default_rng(0))
-  example = {"image": jnp.zeros((rows,) + example_image.shape, jnp.float32),
-             "tokens": jnp.ones((rows, config.text.max_len), jnp.int32),
-             "lengths": jnp.full((rows,), config.text.max_len, jnp.int32),
-             "image_id": jnp.arange(rows, dtype=jnp.int32)}
-  tokens, _, _ = vocab.encode_batch(train_index.captions[:1] * 5, config.text.max_len)
-  for name in field_names:
-    value = np.asarray(fields_lib.get(name)(train_source[0], tokens))
-    example[name] = jnp.zeros((rows,) + value.shape, value.dtype)
-  return example
 
 
 def _num_items(config, index):

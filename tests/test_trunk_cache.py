@@ -1,6 +1,7 @@
 """Frozen trunks computed once (`rsalign_jax.trunk_cache`): training and evaluating heads on cached trunk outputs
 is the same optimisation as recomputing the frozen towers every step, and the cache is reused, keyed and checked."""
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import runlocal_config
+import rsalign_jax
 from rsalign_jax import experiment, train, trunk_cache
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
 from rsalign_jax.modes import export, search
@@ -87,6 +89,23 @@ def test_export_and_search_on_cached_trunks_match_the_recomputing_run(runs, tmp_
   assert found["cached"][:2] == found["uncached"][:2]
   for cached, uncached in zip(found["cached"][2:], found["uncached"][2:]):
     np.testing.assert_allclose(cached, uncached, rtol=1e-4, atol=1e-5)
+
+
+def test_a_copied_workdir_embeds_with_its_saved_trunks(runs, tmp_path):
+  _, results = runs
+  config, workdir, _ = results["cached"]
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  saved = json.loads((copy / "config.json").read_text())
+  saved["seed"] += 1  # a seed that would initialise other trunks: the copy must use the trunks saved in it
+  (copy / "config.json").write_text(json.dumps(saved))
+  query = tmp_path / "query.png"
+  query.write_bytes(trained_lib.load(config, str(workdir)).setup.split("test").source[3]["image"])
+  texts = ["a plane parked beside a green lawn", "two ships in a harbour"]
+  original, copied = rsalign_jax.load(workdir), rsalign_jax.load(copy)
+  assert (copy / experiment.TRUNK_VARIABLES).exists()
+  np.testing.assert_array_equal(copied.encode_images([query]), original.encode_images([query]))
+  np.testing.assert_array_equal(copied.encode_texts(texts), original.encode_texts(texts))
 
 
 def test_fingerprint_follows_what_the_outputs_depend_on(tmp_path_factory):

@@ -70,6 +70,10 @@ class WordVocab:
     """The id of `<unk>` (out-of-vocabulary words, and stopwords in the papers' 'unk' mode)."""
     return self.word2idx[UNK]
 
+  def vocabulary(self):
+    """word -> id: what two vocabularies must share to encode alike."""
+    return self.word2idx
+
   def encode(self, caption):
     words = split_words(caption)
     if self.stopwords == "drop":
@@ -130,6 +134,17 @@ class WordPieceTokenizer:
     self._tokenizer = transformers.BertTokenizer(vocab=str(vocab_file), do_lower_case=lowercase)
     if len(self._tokenizer) != len(words):
       raise ValueError(f"{vocab_file}: the tokenizer loaded {len(self._tokenizer)} of its {len(words)} entries")
+    self._words = words
+
+  def vocabulary(self):
+    """The vocab.txt entries in id order."""
+    return self._words
+
+  def save(self, path):
+    """Writes the vocab.txt (then renames, as `WordVocab.save`)."""
+    with open(f"{path}.tmp", "w") as f:
+      f.writelines(f"{word}\n" for word in self._words)
+    os.replace(f"{path}.tmp", path)
 
   @property
   def size(self):

@@ -78,7 +78,7 @@ def load(config, workdir, checkpoint=""):
   """Restores the chosen checkpoint of `workdir` (see `find_checkpoint`) onto the trainer's mesh."""
   workdir = os.path.abspath(workdir)  # orbax needs absolute paths
   directory, step, description = find_checkpoint(config, workdir, checkpoint)
-  setup = experiment.build_setup(config, workdir, make_mesh(config))
+  setup = experiment.build_setup(config, workdir, make_mesh(config), training=False)
   checkpointer = checkpointing.Checkpointer(directory)
   try:
     state, _, _ = checkpointer.restore(setup.abstract_state, step=step)
