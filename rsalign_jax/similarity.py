@@ -1,5 +1,6 @@
 """Vector similarities shared by the models' scores and the losses: precision, normalisation and the papers' cosine
-(METHODS 1.7). Pure jnp, importing nothing from the package, so models and losses need not import each other."""
+(docs/METHODS.md §1.7). Pure jnp, importing nothing from the package: models and losses need not import each other.
+"""
 import jax
 import jax.numpy as jnp
 

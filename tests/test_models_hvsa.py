@@ -110,7 +110,7 @@ def test_torch_dense_init_is_pytorch_default():
 
 
 def _kea_reference(x0, params, eps=1e-5):
-  """KEA in PyTorch's NCHW layout with train-mode BatchNorm, transcribed from METHODS 2.2, in float64."""
+  """KEA in PyTorch's NCHW layout with train-mode BatchNorm, transcribed from docs/METHODS.md §2.2, in float64."""
   x0 = np.asarray(x0, np.float64).transpose(0, 3, 1, 2)
   b, c, h, w = x0.shape
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -161,7 +161,7 @@ def test_kea_is_a_residual_block(kea):
 
 
 def _gru_reference(params, tokens, lengths, masks=None):
-  """METHODS 1.5 step by step in float64, with per-gate weights split out of the uni_skip.npz-style arrays."""
+  """docs/METHODS.md §1.5 step by step in float64, with per-gate weights split out of the uni_skip.npz-style arrays."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   h_dim = p["encoder_Ux"].shape[0]
   w_r, w_z = p["encoder_W"][:, :h_dim], p["encoder_W"][:, h_dim:]

@@ -174,7 +174,7 @@ def test_papers_resplit_is_by_image_disjoint_deterministic_and_sized_as_the_pape
   (train, val), again = splits
   assert (len(train), len(val)) == (16, 2) and again == [train, val]
   assert sorted(train + val) == list(range(18)) and train == sorted(train) and val == sorted(val)
-  # METHODS.md 1.1: RSICD 9,828 and RSITMD 4,291 training images, p = 0.9 (HVSA) and 0.8 (AMFMN).
+  # docs/METHODS.md §1.1: RSICD 9,828 and RSITMD 4,291 training images, p = 0.9 (HVSA) and 0.8 (AMFMN).
   sizes = {(n, p): tuple(map(len, karpathy.papers_split(list(range(n)), p))) for n in (9828, 4291) for p in (0.9, 0.8)}
   assert sizes == {(9828, 0.9): (8845, 983), (9828, 0.8): (7862, 1966),
                    (4291, 0.9): (3861, 430), (4291, 0.8): (3432, 859)}

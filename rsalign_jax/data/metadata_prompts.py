@@ -1,7 +1,7 @@
 """Metadata prompts: an image's acquisition metadata written out as its caption (CCLS2T's text side).
 
 `config.dataset.captions = "metadata_prompt"` makes `sources.open_split` wrap the split's source so that every
-record's "captions" is the one prompt of METHODS Part B 4.2.1's template, e.g.
+record's "captions" is the one prompt of docs/METHODS.md Part B §4.2.1's template, e.g.
 
   "an optical image from WorldView-2 with 0.58 m GSD, acquired on 2024-09-02 (autumn), centred at 63.36, 24.27,
   scene: river."

@@ -1,7 +1,7 @@
 """AMFMN's objective: the bidirectional hinge on the model's (B, B) score matrix, fixed or dynamic margin.
 
-Released code (METHODS 3.4, `utils.calcul_loss`): L = sum_{i,j neg} [m + S_ij - S_ii]_+ + [m + S_ij - S_jj]_+ with
-m = 0.2, summed over every negative (VSE0; `max_violation=True` keeps each anchor's hardest, VSE++) and not divided
+Released code (docs/METHODS.md §3.4, `utils.calcul_loss`): L = sum_{i,j neg} [m + S_ij - S_ii]_+ + [m + S_ij - S_jj]_+
+with m = 0.2, summed over every negative (VSE0; `max_violation=True` keeps each anchor's hardest, VSE++) and not divided
 by the batch size. Ours: captions of the same image (equal `image_id`) are not negatives (the reference counts them).
 
 `margin='dynamic'` is the paper's L_ct (Eqs. 29-30), which the released code does not implement: pair (i, j) gets

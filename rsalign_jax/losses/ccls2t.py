@@ -1,4 +1,4 @@
-"""CCLS2T's objective (our design, METHODS Part B 4.2.3-4.2.4; the paper's losses are not public):
+"""CCLS2T's objective (our design, docs/METHODS.md Part B §4.2.3-4.2.4; the paper's losses are not public):
 
   loss = CLIP(z_img, z_txt) + mid_weight CLIP(mid_img, mid_txt)
        + hash_weight HASH(h_img, h_txt) + quantization_weight Q + balance_weight BAL + spacetime_weight ST

@@ -1,4 +1,4 @@
-"""CCNet's cross-modality distinction loss L_CD, as this project interprets it (METHODS Part B 2.2.4).
+"""CCNet's cross-modality distinction loss L_CD, as this project interprets it (docs/METHODS.md Part B §2.2.4).
 
 The abstract only says the loss learns cross-modal consistency by compacting intra-class samples; OUR design:
 

@@ -3,7 +3,7 @@
 Every pairwise loss here is written once as `block(rows, cols) -> (row_stats, col_stats)` on one block of its
 (B, B) pair matrix, rows = this device's b = B/n examples, cols = some examples of the batch (dicts of arrays with
 a leading example axis). Stats are reductions that merge exactly from partial blocks: `Sum`, `LogSumExp` (the
-stable column softmax of row-sharded logits, STYLE_AND_LOSSES 2.3) and `Hardest` (a max whose gradient is split
+stable column softmax of row-sharded logits) and `Hardest` (a max whose gradient is split
 evenly over ties, like `jnp.max`, however the ties fall across blocks and devices). `pairwise_stats` reduces a
 device's rows against all B columns and returns the row stats of its rows and the column stats of its columns:
 

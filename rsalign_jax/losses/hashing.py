@@ -1,6 +1,6 @@
-"""Hashing losses for CCLS2T (METHODS Part B 4.2.4, an interpretation): relaxed codes h = tanh(W z) in (-1, 1)^K
-are trained to be binary (quantisation), balanced (each bit +1 on half the data) and similarity-preserving across
-modalities (DCMH's pairwise likelihood); retrieval then ranks by Hamming distance of sign(h)."""
+"""Hashing losses for CCLS2T (docs/METHODS.md Part B §4.2.4, an interpretation): relaxed codes h = tanh(W z) in
+(-1, 1)^K are trained to be binary (quantisation), balanced (each bit +1 on half the data) and similarity-preserving
+across modalities (DCMH's pairwise likelihood); retrieval then ranks by Hamming distance of sign(h)."""
 import jax
 import jax.numpy as jnp
 from jax import lax

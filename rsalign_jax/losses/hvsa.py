@@ -1,6 +1,6 @@
 """HVSA's objective: difficulty-weighted triplet + feature uniformity, mixed by a learned weighting MLP.
 
-As in the released code (METHODS 2.5): uniformity on image embeddings only, on rows 0, s, 2s, ... of the batch
+As in the released code (docs/METHODS.md §2.5): uniformity on image embeddings only, on rows 0, s, 2s, ... of the batch
 (s = `uniformity_stride`, 5 in the reference; with caption-shuffled batches that is a random 1/s subsample);
 the two losses are weighted by softmax(MLP(losses)), an MLP trained by the same optimizer, not detached.
 `impl`/`block_size` select how the triplet term is computed over the global batch (see `rsalign_jax.losses`);

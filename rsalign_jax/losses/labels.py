@@ -1,4 +1,4 @@
-"""Losses for class-supervised methods (METHODS Part B; both are the project's interpretations of the papers).
+"""Losses for class-supervised methods (docs/METHODS.md Part B; both are the project's interpretations of the papers).
 
 * SSJDN's semantic-guided triplet loss (3.2.7): VSE++ whose margin for a negative depends on label agreement, m0
   for another scene class and m0 * same_label_factor (< 1) for the anchor's class, so same-semantics pairs are

@@ -1,9 +1,9 @@
-"""SSJDN's objective (our design, METHODS Part B 3.2.7; the paper's formulas are not public):
+"""SSJDN's objective (our design, docs/METHODS.md Part B §3.2.7; the paper's formulas are not public):
 STL + class_weight * (CE_img + CE_txt).
 
 - STL, the semantic-guided triplet loss: bidirectional VSE++ (hardest negative, summed over anchors) whose margin
   for a negative is `margin` when its scene class differs from the anchor's and `margin * same_label_factor` (< 1)
-  when it is the same, i.e. `labels.semantic_guided_triplet_loss`. Ours on top of METHODS: captions of the same
+  when it is the same, i.e. `labels.semantic_guided_triplet_loss`. Ours on top of docs/METHODS.md: captions of the same
   image (same `image_id`) are never negatives, and a row without a scene class (scene -1, e.g. RSICD's numbered
   images) counts as "another class" for every other row, so it always gets the full margin.
 - CE: softmax cross-entropy of the model's image and text class logits (its label-prototype attention) against the

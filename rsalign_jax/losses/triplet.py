@@ -73,7 +73,7 @@ def _reference(images, texts, ids, row_data, col_data, *, pair_margin, negatives
 
 
 def _per_device(pairwise_stats, images, texts, ids, row_data, col_data, *, pair_margin, negatives, penalty):
-  """VSE++ as row maxima of cost_caption and column maxima of cost_image on one block (STYLE_AND_LOSSES 2.5 (b))."""
+  """VSE++ as row maxima of cost_caption and column maxima of cost_image on one block."""
   positives = paired_unit_cosine_similarity(images, texts)
   rows = {"image": images, "id": ids, "positive": positives, "data": row_data}
   cols = {"text": texts, "id": ids, "positive": positives, "position": global_positions(ids.shape[0]),
@@ -137,7 +137,7 @@ def dynamic_margin(prior, *, gamma=0.6, beta=5.0):
 
 def dynamic_margin_loss(images, texts, prior, ids=None, *, gamma=0.6, beta=5.0, negatives="sum", impl="global",
                         mesh=None, block_size=None):
-  """AMFMN's L_ct (METHODS 3.4): the hinge loss with margin alpha_ct(P_ij) for both directions of pair (i, j).
+  """AMFMN's L_ct (docs/METHODS.md §3.4): the hinge loss with margin alpha_ct(P_ij) for both directions of pair (i, j).
 
   prior: (B, B) prior similarity P_ij of image i's captions to caption j (e.g. AMFMN's BLEU + word-overlap
   matrix looked up for the batch), sharded by rows like the embeddings. Paper defaults gamma 0.6, beta 5.

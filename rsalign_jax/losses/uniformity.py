@@ -13,7 +13,7 @@ UNIFORMITY_FORMS = ("exp_mean", "log")
 
 def _gaussian_kernel(a, b, gamma):
   """exp(-gamma ||a^_p - b^_q||^2) of the L2-normalised rows, the squared distance expanded exactly
-  (|a|^2 + |b|^2 - 2ab, not 2 - 2ab), so gradients match ||a-b||^2 for any input (STYLE_AND_LOSSES 2.4)."""
+  (|a|^2 + |b|^2 - 2ab, not 2 - 2ab), so gradients match ||a-b||^2 for any input."""
   a, b = l2_normalize(upcast(a)), l2_normalize(upcast(b))
   sq_dist = jnp.sum(a * a, axis=-1)[:, None] + jnp.sum(b * b, axis=-1)[None, :] - 2.0 * pairwise_dot(a, b)
   return jnp.exp(-gamma * jnp.maximum(sq_dist, 0.0))

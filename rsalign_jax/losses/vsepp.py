@@ -1,6 +1,6 @@
 """VSE++ (Faghri et al., BMVC 2018) as an objective: the fixed-margin hinge triplet loss over the global batch.
 
-The baseline the RS retrieval papers compare against (METHODS 4.1's first row) and an ablation row of the
+The baseline the RS retrieval papers compare against (docs/METHODS.md §4.1's first row) and an ablation row of the
 real-data table: negatives='hardest' is VSE++, 'sum' is VSE0. Captions of the same image in a batch
 (`batch['image_id']`) are never negatives. `impl`/`block_size` as in `rsalign_jax.losses`.
 """

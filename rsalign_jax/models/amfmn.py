@@ -1,10 +1,10 @@
 """AMFMN: Asymmetric Multimodal Feature Matching Network (Yuan et al., TGRS 2021), as its released code does it.
 
-Image tower (METHODS 3.1): ResNet-18 stages f1..f4; low level L = [f1, up(f2)], high level H = [f3, up(f4)];
+Image tower (docs/METHODS.md §3.1): ResNet-18 stages f1..f4; low level L = [f1, up(f2)], high level H = [f3, up(f4)];
 MVSA: L' = Conv3x3/4(L) and H' = Conv1x1(H) to c = 3 channels each, J = [L', H'] + mean_c(H'), a spatial map
 a = Conv1x1(J) * sigmoid(Conv1x1(J)) flattened, and the image vector F_v = g * sigmoid(Linear(a)) where
-g = Linear(mean pooled f4). Text tower (METHODS 3.2): the skip-thoughts uni-skip GRU -> ReLU(Linear). Visual-guided
-attention (METHODS 3.3) re-weights caption j by image i and the score is S_ij = cos(F_v_i, Ft_ij):
+g = Linear(mean pooled f4). Text tower (docs/METHODS.md §3.2): the skip-thoughts uni-skip GRU -> ReLU(Linear).
+Visual-guided attention (docs/METHODS.md §3.3) re-weights caption j by image i and the score is S_ij = cos(F_v_i, Ft_ij):
   soft_att        Ft_ij = sigmoid(W v_i + b) * t_j  (the released configs' choice),
   fusion_att      Ft_ij = sigmoid(W1 [v_i; t_j] + b1) * (W2 [v_i; t_j] + b2),
   similarity_att  Ft_ij = sigmoid(v'_i * t'_j) * t'_j,  v' = W_v v + b_v, t' = W_t t + b_t.
@@ -14,7 +14,7 @@ g_i = sigmoid(W v_i + b): S_ij = [(v_i g_i) . t_j] / max(||v_i|| sqrt((g_i^2) . 
 The other two are pairwise: they run over blocks of images (`lax.map`) so that no more than
 `score_chunk_elements` entries of the (images, captions, D) tensor exist at once.
 
-Where the released code differs from the paper (METHODS 3.1-3.3), this follows the code: no PReLU or L2
+Where the released code differs from the paper (docs/METHODS.md §3.1-3.3), this follows the code: no PReLU or L2
 normalisation inside MVSA, the channel mean is taken of H' (not of the raw high-level features), low level =
 layer1 + layer2, uni-skip GRU with last-state pooling instead of a bi-GRU, no keyword branch, and the unused VGMF
 fusion is left out. Our choices:

@@ -1,9 +1,9 @@
 """CCLS2T: cross-modal contrastive learning with spatiotemporal context (Zhu et al., TGRS 2024), our design.
 
-Only a truncated abstract is public (METHODS Part B 4.1): an asymmetric dual encoder, a multiscale vision encoder
-and a lightweight text encoder that reconstructs spatiotemporal embeddings, cross-modal and intermediate
+Only a truncated abstract is public (docs/METHODS.md Part B §4.1): an asymmetric dual encoder, a multiscale vision
+encoder and a lightweight text encoder that reconstructs spatiotemporal embeddings, cross-modal and intermediate
 contrastive objectives, hash codes and a hierarchical index for content-based RS image retrieval. Everything
-concrete below is our design (METHODS Part B 4.2):
+concrete below is our design (docs/METHODS.md Part B §4.2):
 
 - Image tower: the image and 2x, 4x, ... average-pooled copies (`scales`) through ONE shared ResNet trunk. A copy
   downsampled by f stops at stage 4 - log2(f), whose stride (32 / f in its pixels) covers the same 32x32 patch of

@@ -1,12 +1,12 @@
 """CCNet: Cross-modality Consistency Network (Sha et al., IEEE JSTARS 2025), as this project interprets it.
 
-Only the paper's abstract is public (METHODS Part B 2.1): a Text-image Attention-conditioned Module (TAM) that
+Only the paper's abstract is public (docs/METHODS.md Part B §2.1): a Text-image Attention-conditioned Module (TAM) that
 aggregates the image regions relevant to a text, a Co-occurrent Features Module (CFM) that strengthens co-occurring
 features of both modalities, and a cross-modality distinction loss (`rsalign_jax.losses.ccnet`). Everything concrete
-below is OUR design (METHODS 2.2), not the paper's:
+below is OUR design (docs/METHODS.md Part B §2.2), not the paper's:
 
-- Towers (ours; METHODS 2.2.1 suggests Swin-T/CLIP + BERT, this uses the project's HVSA-style towers trained from
-  scratch): ResNet-18 layer4 features; every cell of the h x w map is a region, Linear(C, d) gives
+- Towers (ours; docs/METHODS.md Part B §2.2.1 suggests Swin-T/CLIP + BERT, this uses the project's HVSA-style
+  towers trained from scratch): ResNet-18 layer4 features; every cell of the h x w map is a region, Linear(C, d) gives
   the N = h*w region tokens v_j, Linear(C, d) of the mean-pooled map the global v_g. Text: the uni-skip GRU of
   `skipthoughts`; its per-step states, Linear(H, d), are the word tokens w_i (each sees only the words before it),
   Linear(H, d) of the state at the last real token is the global t_g. An empty caption keeps its first position.

@@ -6,7 +6,7 @@ variational dropout 0.25) read at the last real token -> ReLU(Linear(2400, 512))
 L2-normalised here: the similarity is the cosine, i.e. the dot product on the unit hypersphere. The losses
 (difficulty-weighted triplet, image-only feature uniformity, learned loss weighting) live in rsalign_jax.losses.
 
-Where the released code differs from the paper (METHODS 2.8), this follows the code:
+Where the released code differs from the paper (docs/METHODS.md §2.8), this follows the code:
 - text: the paper draws "word2vec + Bi-GRU + MLP"; the code is the unidirectional uni-skip GRU with last-state
   pooling and a single Linear + ReLU (so text embeddings are non-negative);
 - image "MLP": a single Linear(512, 512), no activation;

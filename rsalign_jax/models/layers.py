@@ -48,7 +48,7 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm
 
 
 class KeyEntityAttention(nn.Module):
-  """HVSA's KEA (METHODS 2.2): external attention over S learned memory slots, with double normalisation.
+  """HVSA's KEA (docs/METHODS.md §2.2): external attention over S learned memory slots, with double normalisation.
 
   X = conv1x1(x0) -> A = softmax_N(M_k X) -> A /= (1e-9 + sum_S A) -> Y = BN(conv1x1(M_v A)) -> ReLU(Y + x0).
   The memories are stored in PyTorch's Conv1d layout: key_memory M_k is (S, C), value_memory M_v is (C, S), and

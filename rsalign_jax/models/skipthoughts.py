@@ -1,4 +1,4 @@
-"""The uni-skip GRU sentence encoder with variational dropout ("BayesianUniSkip", METHODS 1.5).
+"""The uni-skip GRU sentence encoder with variational dropout ("BayesianUniSkip", docs/METHODS.md §1.5).
 
 A word embedding feeds a GRU whose biases sit on the input path only; the sentence vector is the hidden state at
 the last real token. Parameters carry the names, shapes and (in, out) layout of Kiros et al.'s `uni_skip.npz`

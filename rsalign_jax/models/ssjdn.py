@@ -1,14 +1,14 @@
 """SSJDN: Scale-Semantic Joint Decoupling Network (Zheng et al., arXiv 2212.05752 / ACM TOMM 2024), our design.
 
-Only the abstract is public (METHODS Part B 3.1: bidirectional scale decoupling with SFE and SGS units,
+Only the abstract is public (docs/METHODS.md Part B §3.1: bidirectional scale decoupling with SFE and SGS units,
 label-supervised semantic decoupling, a semantic-guided triplet loss). Everything concrete below is OUR design,
-following METHODS 3.2; the paper's own layers, sizes and formulas are unknown.
+following docs/METHODS.md Part B §3.2; the paper's own layers, sizes and formulas are unknown.
 
 Image tower (ours):
 - backbone: ResNet-18 stages f2, f3, f4 (strides 8/16/32), each projected to `scale_dim` by a linear 1x1 conv (no
-  BN or ReLU). METHODS 3.2.1 names ResNet-50; `rsalign_jax.models.resnet` has the BasicBlock ResNets only (18/34,
-  no bottleneck blocks), and a ResNet-18 is what AMFMN, the family SSJDN compares with, uses and what fits the
-  2-core CPU default;
+  BN or ReLU). docs/METHODS.md Part B §3.2.1 names ResNet-50; `rsalign_jax.models.resnet` has the BasicBlock ResNets
+  only (18/34, no bottleneck blocks), and a ResNet-18 is what AMFMN, the family SSJDN compares with, uses and what fits
+  the 2-core CPU default;
 - SFE (salience feature extraction): a CBAM-style spatial saliency map M = sigmoid(conv7x7([mean_c F; max_c F]))
   (one output channel, with bias, no BN, no channel attention), salient descriptor GAP(M * F);
 - SGS (salience-guided suppression): F' = F * (1 - gamma * Resize(M)) where M is the saliency map of the previous

@@ -4,8 +4,8 @@ two-level index, and mAP@K / P@K.
 - `pack_codes`: K-bit sign codes (bit = code >= 0) -> (N, ceil(K/32)) uint32 words, bit j of word w = bit 32w + j.
 - `hamming_top_k` / `cosine_top_k`: exhaustive search, chunked over queries (XOR + popcount for Hamming). Ties go to
   the lower gallery index, so results are exact and deterministic.
-- `TwoLevelIndex` (our reading of CCLS2T's "hierarchical semantic tree", METHODS Part B 4.2.5): a coarse level of
-  clusters (k-means over the +-1 code vectors, where squared Euclidean distance is 4x Hamming, or the gallery's
+- `TwoLevelIndex` (our reading of CCLS2T's "hierarchical semantic tree", docs/METHODS.md Part B §4.2.5): a coarse
+  level of clusters (k-means over the +-1 code vectors, where squared Euclidean distance is 4x Hamming, or the gallery's
   class labels); a query probes its `probe` nearest cluster centres, ranks their members by Hamming distance and
   optionally re-ranks the best `rerank_depth` of them by float cosine. Probing every cluster without re-ranking is
   exactly the exhaustive Hamming search.
