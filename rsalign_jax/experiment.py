@@ -2,9 +2,10 @@
 
 `build_setup(config, workdir, mesh)` returns a `Setup`, which the trainer, the modes that load a trained state
 (`main --mode=eval|export|search`) and `rsalign_jax.load` share: training reads the training split once and saves in
-the workdir what rebuilds the model without it; loading reads those files and opens the dataset only for a split. Models and objectives are found by module
-path (`rsalign_jax.models.<model_name>`, `rsalign_jax.losses.<loss_name>`) and keep the contracts written in
-`rsalign_jax/models/base.py` and `rsalign_jax/losses/base.py`; the batch fields come from their declarations.
+the workdir what rebuilds the model without it; loading reads those files and opens the dataset only for a split.
+Models and objectives are found by module path (`rsalign_jax.models.<model_name>`, `rsalign_jax.losses.<loss_name>`)
+and keep the contracts written in `rsalign_jax/models/base.py` and `rsalign_jax/losses/base.py`; the batch fields
+come from their declarations.
 """
 import dataclasses
 import functools

@@ -52,9 +52,9 @@ class InputSpec:
   def save(self, workdir):
     path = os.path.join(workdir, FILENAME)
     with open(f"{path}.tmp", "w") as f:
-      json.dump({"image_shape": list(self.image_shape),
-                 "fields": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in self.fields.items()},
-                 "steps_per_epoch": self.steps_per_epoch}, f, indent=2)
+      fields = {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in self.fields.items()}
+      json.dump({"image_shape": list(self.image_shape), "fields": fields, "steps_per_epoch": self.steps_per_epoch},
+                f, indent=2)
     os.replace(f"{path}.tmp", path)
 
   @classmethod

@@ -103,7 +103,8 @@ def parse_flags(argv):
     sys.exit(f"error: {_one_line(str(e))}")
 
 
-_EXPECTED = {"invalid literal for int()": "expected an integer", "could not convert string to float": "expected a number"}
+_EXPECTED = {"invalid literal for int()": "expected an integer",
+             "could not convert string to float": "expected a number"}
 
 
 def _one_line(message):

@@ -4,7 +4,8 @@ Image tower (docs/METHODS.md §3.1): ResNet-18 stages f1..f4; low level L = [f1,
 MVSA: L' = Conv3x3/4(L) and H' = Conv1x1(H) to c = 3 channels each, J = [L', H'] + mean_c(H'), a spatial map
 a = Conv1x1(J) * sigmoid(Conv1x1(J)) flattened, and the image vector F_v = g * sigmoid(Linear(a)) where
 g = Linear(mean pooled f4). Text tower (docs/METHODS.md §3.2): the skip-thoughts uni-skip GRU -> ReLU(Linear).
-Visual-guided attention (docs/METHODS.md §3.3) re-weights caption j by image i and the score is S_ij = cos(F_v_i, Ft_ij):
+Visual-guided attention (docs/METHODS.md §3.3) re-weights caption j by image i and the score is
+S_ij = cos(F_v_i, Ft_ij):
   soft_att        Ft_ij = sigmoid(W v_i + b) * t_j  (the released configs' choice),
   fusion_att      Ft_ij = sigmoid(W1 [v_i; t_j] + b1) * (W2 [v_i; t_j] + b2),
   similarity_att  Ft_ij = sigmoid(v'_i * t'_j) * t'_j,  v' = W_v v + b_v, t' = W_t t + b_t.
