@@ -8,8 +8,8 @@ record's "captions" is the one prompt of docs/METHODS.md Part B §4.2.1's templa
 
 Design choices (ours: the paper's templates are not public):
 - one prompt per image (the dataset's own captions are replaced, not appended);
-- the datasets name one platform/sensor string, so the template has a single `{sensor}` slot where docs/METHODS.md writes
-  `{satellite}/{sensor}`;
+- the datasets name one platform/sensor string, so the template has a single `{sensor}` slot where docs/METHODS.md
+  writes `{satellite}/{sensor}`;
 - season = meteorological season of the month (Dec-Feb winter, ...), swapped south of the equator;
 - GSD, latitude and longitude with 2 decimals (the continuous values reach the text tower exactly through the
   `spacetime` field, `rsalign_jax.data.fields`); the date stays yyyy-mm-dd;
