@@ -215,6 +215,7 @@ def _train_and_evaluate(config, workdir, mesh):
     tested = f"best val (step {int(state.step)})"
   test = retrieval.evaluate(test_evaluator, experiment.model_variables(state))
   writer.scalars(step, test, prefix="test/")
+  writer.hparams(config.to_dict(), [f"test/{name}" for name in test])
   results = {"test": test, "tested_checkpoint": tested, "random_init_test": meta["random_init_test"],
              "best_val": meta.get("best_val"), "best_step": meta["best_step"], "total_steps": total_steps,
              "train_seconds_this_run": round(train_seconds, 1), "dataset": config.dataset.name,
@@ -237,7 +238,7 @@ def _train_and_evaluate(config, workdir, mesh):
 
 
 def _summary(metrics):
-  return ", ".join(f"{k} {metrics[k]:.2f}" for k in ("i2t_R@1", "i2t_R@10", "t2i_R@1", "t2i_R@10", "mR"))
+  return ", ".join(f"{k} {metrics[k]:.2f}" for k in ("i2t_R1", "i2t_R10", "t2i_R1", "t2i_R10", "mR"))
 
 
 def _count(tree):

@@ -1,6 +1,7 @@
 """Shared test helpers: load a `configs/<name>.py:arg` config, point it at the session's tfds dir, override fields."""
 import importlib.util
 import pathlib
+import struct
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,3 +37,34 @@ def write_wordpiece_vocab(path):
   path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "plane", "##s", "the", "air", "##port"])
                   + "\n")
   return path
+
+
+def tensorboard_events(logdir):
+  """The Event protos of the TensorBoard event files in `logdir`, read back without TensorFlow. TFRecord framing:
+  an 8-byte length, its 4-byte CRC, the record, its 4-byte CRC (the CRCs are not checked)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  events = []
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      (length,) = struct.unpack_from("<Q", data, offset)
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += length + 16
+  return events
+
+
+def tensorboard_scalars(logdir):
+  """{(tag, step): value} of the scalars in `logdir`'s event files."""
+  return {(value.tag, event.step): value.simple_value for event in tensorboard_events(logdir)
+          for value in event.summary.value if value.WhichOneof("value") == "simple_value"}
+
+
+def tensorboard_hparams(logdir):
+  """({name: value}, [metric tag]): what `logdir`'s event files give TensorBoard's hparams dashboard."""
+  from tensorboardX.proto import plugin_hparams_pb2  # pylint: disable=g-import-not-at-top
+  plugin_data = {value.tag: plugin_hparams_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                 for event in tensorboard_events(logdir) for value in event.summary.value
+                 if value.metadata.plugin_data.plugin_name == "hparams"}
+  start = plugin_data["_hparams_/session_start_info"].session_start_info
+  hparams = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+  return hparams, [metric.name.tag for metric in plugin_data["_hparams_/experiment"].experiment.metric_infos]

@@ -7,7 +7,7 @@ import pytest
 
 from rsalign_jax.evaluation.metrics import format_table, retrieval_metrics
 
-KEYS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum", "i2t_meanr", "t2i_meanr"]
+KEYS = ["i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR", "rsum", "i2t_meanr", "t2i_meanr"]
 
 
 def _gt_matrix(caption_image, n_images):
@@ -27,7 +27,7 @@ def test_reversed_matrix_misses_at_rank_one():
     # GT scores are the lowest: each image has 15 captions above its GT ones, each caption 3 images above its own.
     caption_image = np.repeat(np.arange(4), 5)
     m = retrieval_metrics(-_gt_matrix(caption_image, 4), caption_image)
-    expected = {"i2t_R@1": 0, "i2t_R@5": 0, "i2t_R@10": 0, "t2i_R@1": 0, "t2i_R@5": 100, "t2i_R@10": 100}
+    expected = {"i2t_R1": 0, "i2t_R5": 0, "i2t_R10": 0, "t2i_R1": 0, "t2i_R5": 100, "t2i_R10": 100}
     assert m == pytest.approx(expected | {"mR": 200 / 6, "rsum": 200, "i2t_meanr": 16, "t2i_meanr": 4})
 
 
@@ -46,8 +46,8 @@ def test_i2t_expected_hit_probability_by_hand(gt_scores, other_scores, p_hit, ra
     sim = np.array([gt_scores + other_scores, [0, 0, 9, 9, 9, 9]], np.float32)
     m = retrieval_metrics(sim, caption_image, ks=(1, 2, 3, 4))
     for k, p in zip((1, 2, 3, 4), p_hit):
-        assert m[f"i2t_R@{k}"] == pytest.approx(100 * (p + 1) / 2)
-        assert m[f"t2i_R@{k}"] == 100
+        assert m[f"i2t_R{k}"] == pytest.approx(100 * (p + 1) / 2)
+        assert m[f"t2i_R{k}"] == 100
     assert m["i2t_meanr"] == pytest.approx((rank + 1 + 1) / 2)
 
 
@@ -59,7 +59,7 @@ def test_closed_form_matches_binomials_for_larger_ties():
     metrics = retrieval_metrics(sim, caption_image, ks=ks)
     for k in ks:
         p = 0.0 if k <= g else 1 - comb(t, k - g) / comb(t + m, k - g)
-        assert metrics[f"i2t_R@{k}"] == pytest.approx(100 * (p + 1) / 2)
+        assert metrics[f"i2t_R{k}"] == pytest.approx(100 * (p + 1) / 2)
 
 
 def test_t2i_ties_and_bounds():
@@ -70,9 +70,9 @@ def test_t2i_ties_and_bounds():
     optimistic = retrieval_metrics(sim, caption_image, ks=(1, 2, 3), ties="optimistic")
     pessimistic = retrieval_metrics(sim, caption_image, ks=(1, 2, 3), ties="pessimistic")
     for k in (1, 2, 3):
-        assert expected[f"t2i_R@{k}"] == pytest.approx(100 * (2 + k / 3) / 3)
-        assert optimistic[f"t2i_R@{k}"] == 100
-        assert pessimistic[f"t2i_R@{k}"] == pytest.approx(100 * (2 + (k == 3)) / 3)
+        assert expected[f"t2i_R{k}"] == pytest.approx(100 * (2 + k / 3) / 3)
+        assert optimistic[f"t2i_R{k}"] == 100
+        assert pessimistic[f"t2i_R{k}"] == pytest.approx(100 * (2 + (k == 3)) / 3)
     assert (expected["t2i_meanr"], optimistic["t2i_meanr"], pessimistic["t2i_meanr"]) == pytest.approx((4 / 3, 1, 5 / 3))
 
 
@@ -92,9 +92,9 @@ def _brute_force(sim, caption_image, ks):
         rank = np.where(gt[:, None, :], position, n).min(axis=2)  # best GT item, (queries, orders)
         for k in ks:
             hit = rank < k
-            out["expected"][f"{d}_R@{k}"] = 100 * hit.mean(1).mean()
-            out["optimistic"][f"{d}_R@{k}"] = 100 * hit.max(1).mean()
-            out["pessimistic"][f"{d}_R@{k}"] = 100 * hit.min(1).mean()
+            out["expected"][f"{d}_R{k}"] = 100 * hit.mean(1).mean()
+            out["optimistic"][f"{d}_R{k}"] = 100 * hit.max(1).mean()
+            out["pessimistic"][f"{d}_R{k}"] = 100 * hit.min(1).mean()
         out["expected"][f"{d}_meanr"] = rank.mean(1).mean() + 1
         out["optimistic"][f"{d}_meanr"] = rank.min(1).mean() + 1
         out["pessimistic"][f"{d}_meanr"] = rank.max(1).mean() + 1
@@ -140,19 +140,19 @@ def test_rs_shape_with_duplicate_captions():
     # i2t: images 0 and 1 have g=0, t=5, m=5 -> P(hit@1) = 1 - 5/10, P(hit@5) = 1 - 1/C(10,5), sure at 10.
     # t2i: captions 5-9 have image 0 above (rank 1); caption 14 ties all 3 images (P(hit@1) = 1/3).
     hand = {
-        "i2t_R@1": 100 * (0.5 + 0.5 + 1) / 3,
-        "i2t_R@5": 100 * (2 * (1 - 1 / comb(10, 5)) + 1) / 3,
-        "i2t_R@10": 100.0,
-        "t2i_R@1": 100 * (5 + 0 + 4 + 1 / 3) / 15,
-        "t2i_R@5": 100.0,
-        "t2i_R@10": 100.0,
+        "i2t_R1": 100 * (0.5 + 0.5 + 1) / 3,
+        "i2t_R5": 100 * (2 * (1 - 1 / comb(10, 5)) + 1) / 3,
+        "i2t_R10": 100.0,
+        "t2i_R1": 100 * (5 + 0 + 4 + 1 / 3) / 15,
+        "t2i_R5": 100.0,
+        "t2i_R10": 100.0,
     }
     recalls = list(hand.values())
     hand |= {"mR": sum(recalls) / 6, "rsum": sum(recalls), "i2t_meanr": (2 * (1 + 5 / 6) + 1) / 3}
     hand["t2i_meanr"] = (5 * 1 + 5 * 2 + 4 * 1 + 2) / 15
     assert m == pytest.approx(hand)
     pessimistic = retrieval_metrics(sim, caption_image, ties="pessimistic")
-    assert pessimistic["i2t_R@1"] == pessimistic["i2t_R@5"] == pytest.approx(100 / 3)
+    assert pessimistic["i2t_R1"] == pessimistic["i2t_R5"] == pytest.approx(100 / 3)
 
 
 def test_variable_captions_per_image_unsorted():
@@ -166,7 +166,7 @@ def test_variable_captions_per_image_unsorted():
         ]
     )
     # 0-based i2t ranks: 1, 1, 0. t2i ranks per caption: 0, 1, 1, 0, 2, 1, 1.
-    hand = {"i2t_R@1": 100 / 3, "i2t_R@2": 100, "t2i_R@1": 200 / 7, "t2i_R@2": 600 / 7}
+    hand = {"i2t_R1": 100 / 3, "i2t_R2": 100, "t2i_R1": 200 / 7, "t2i_R2": 600 / 7}
     hand |= {"mR": sum(hand.values()) / 4, "rsum": sum(hand.values()), "i2t_meanr": 5 / 3, "t2i_meanr": 13 / 7}
     for ties in ("expected", "optimistic", "pessimistic"):
         assert retrieval_metrics(sim, caption_image, ks=(1, 2), ties=ties) == pytest.approx(hand)
@@ -186,8 +186,8 @@ def test_no_ties_matches_argsort_protocol():
         for ties in ("expected", "optimistic", "pessimistic"):
             m = retrieval_metrics(sim, caption_image, ties=ties, chunk_size=chunk_size)
             for k in (1, 5, 10):
-                assert m[f"i2t_R@{k}"] == pytest.approx(100 * np.mean(rank_i2t < k))
-                assert m[f"t2i_R@{k}"] == pytest.approx(100 * np.mean(rank_t2i < k))
+                assert m[f"i2t_R{k}"] == pytest.approx(100 * np.mean(rank_i2t < k))
+                assert m[f"t2i_R{k}"] == pytest.approx(100 * np.mean(rank_t2i < k))
             assert m["i2t_meanr"] == pytest.approx(rank_i2t.mean() + 1)
             assert m["t2i_meanr"] == pytest.approx(rank_t2i.mean() + 1)
 
@@ -223,7 +223,7 @@ def test_validation_errors(sim, caption_image, kwargs, error, match):
 
 
 def test_format_table():
-    row = {"i2t_R@1": 5.0, "i2t_R@5": 20.0, "i2t_R@10": 33.333, "t2i_R@1": 4.0, "t2i_R@5": 18.5, "t2i_R@10": 30.0}
+    row = {"i2t_R1": 5.0, "i2t_R5": 20.0, "i2t_R10": 33.333, "t2i_R1": 4.0, "t2i_R5": 18.5, "t2i_R10": 30.0}
     row |= {"mR": 18.472, "rsum": 110.833, "i2t_meanr": 40.0, "t2i_meanr": 50.0}
     header = "| i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | mR | rsum |"
     values = "5.00 | 20.00 | 33.33 | 4.00 | 18.50 | 30.00 | 18.47 | 110.83 |"

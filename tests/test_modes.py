@@ -47,7 +47,7 @@ def test_eval_recomputes_the_trainers_test_numbers(run, capsys):
   assert result["metrics"] == results["test"]  # exactly: same evaluator, towers and checkpoint
   assert result["checkpoint"] == results["tested_checkpoint"] == "best val (step 4)"
   printed = capsys.readouterr().out
-  assert f"| hvsa (best val (step 4)) | {results['test']['i2t_R@1']:.2f} |" in printed
+  assert f"| hvsa (best val (step 4)) | {results['test']['i2t_R1']:.2f} |" in printed
   assert json.loads((workdir / "eval_test.json").read_text())["metrics"] == results["test"]
   assert (workdir / "eval_test.md").read_text().strip() == result["table"]
 

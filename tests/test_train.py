@@ -11,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import SHARED_DATA, load_config, runlocal_config
+from helpers import (SHARED_DATA, load_config, runlocal_config, tensorboard_hparams, tensorboard_scalars,
+                     write_wordpiece_vocab)
 from rsalign_jax import experiment, optimizers, train
 from rsalign_jax.data import sources, tokenizers
 
@@ -40,7 +41,7 @@ def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   assert len(split_sized) == 3 and set(split_sized.values()) == {1}
   written = json.loads((workdir / "results.json").read_text())
   assert written["test"] == results["test"]
-  for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum"):
+  for key in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR", "rsum"):
     assert 0.0 <= written["test"][key] <= (600.0 if key == "rsum" else 100.0)
   assert written["random_init_test"] is not None and written["total_steps"] == 4
   # What produced the run: its resolved config, seed, source commit and package versions.
@@ -49,7 +50,14 @@ def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", written["git_commit"]) if in_checkout else written["git_commit"] is None
   assert written["versions"]["jax"] == jax.__version__ and written["versions"]["python"].startswith("3.")
   assert (workdir / "vocab.json").exists()
-  assert any(p.name.startswith("events.out.tfevents") for p in workdir.iterdir())
+  # One metrics.jsonl line per logged step, under the names TensorBoard shows; the config as TensorBoard hparams.
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == sorted({line["step"] for line in lines})
+  assert {"train/loss", "perf/seconds_per_step", "val/i2t_R1", "test/i2t_R1"} <= lines[-1].keys()
+  assert {tag for tag, _ in tensorboard_scalars(workdir)} == {name for line in lines for name in line} - {"step"}
+  hparams, hparam_metrics = tensorboard_hparams(workdir)
+  assert hparams["seed"] == config.seed and hparams["optimizer.lr"] == config.optimizer.lr
+  assert hparam_metrics == [f"test/{name}" for name in written["test"]]
 
 
 def test_stop_and_resume_follows_the_uninterrupted_run(tmp_path_factory):
@@ -151,3 +159,21 @@ def runlocal_config_for_text(**text):
   config = load_config("hvsa", "runlocal")
   config.text.update(text)
   return config
+
+
+def test_the_workdir_keeps_the_tokenizer_and_refuses_another_vocab_file(tmp_path):
+  vocab_file = write_wordpiece_vocab(tmp_path / "vocab.txt")
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()
+  config = runlocal_config_for_text(tokenizer="wordpiece", vocab_file=str(vocab_file))
+  experiment.load_tokenizer(config, None, str(workdir))
+  vocab_file.unlink()  # the workdir's copy serves from now on
+  kept = experiment.load_tokenizer(config, None, str(workdir))
+  assert (workdir / "vocab.txt").read_text().split() == kept.vocabulary()
+  other = write_wordpiece_vocab(tmp_path / "other.txt")
+  other.write_text(other.read_text() + "extra\n")
+  config = runlocal_config_for_text(tokenizer="wordpiece", vocab_file=str(other))
+  with pytest.raises(ValueError, match="differs from the vocabulary this workdir trained with"):
+    experiment.load_tokenizer(config, None, str(workdir))
+  with pytest.raises(FileNotFoundError, match="no vocabulary saved in the workdir"):
+    experiment.load_tokenizer(runlocal_config_for_text(tokenizer="word"), None, str(tmp_path / "empty"))

@@ -1,4 +1,4 @@
-"""Recall@K for remote-sensing text-image retrieval (METHODS.md §1.7 and §5.11).
+"""Recall@K for remote-sensing text-image retrieval (docs/METHODS.md §1.7 and §5 item 11).
 
 Both directions come from one similarity matrix ``sim`` (n_images, n_captions) and
 the ground-truth (GT) image of every caption:
@@ -39,8 +39,9 @@ def retrieval_metrics(
         so memory beyond ``sim`` stays bounded for any matrix size.
 
     Returns:
-      ``{i2t_R@K..., t2i_R@K..., mR, rsum, i2t_meanr, t2i_meanr}`` as floats; mean
-      ranks are 1-based (expected rank under the chosen tie rule).
+      ``{i2t_R<K>..., t2i_R<K>..., mR, rsum, i2t_meanr, t2i_meanr}`` as floats
+      (``i2t_R1`` is i2t R@1: no '@', so a name is also a valid TensorBoard tag);
+      mean ranks are 1-based (expected rank under the chosen tie rule).
     """
     sim, caption_image = _validate(sim, caption_image)
     ks = tuple(ks)
@@ -50,7 +51,7 @@ def retrieval_metrics(
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     counts = dict(zip(("i2t", "t2i"), _tie_counts(sim, caption_image, chunk_size)))
     metrics = {
-        f"{d}_R@{k}": 100.0 * float(np.mean(_hit_probability(*counts[d], int(k), ties)))
+        f"{d}_R{k}": 100.0 * float(np.mean(_hit_probability(*counts[d], int(k), ties)))
         for d in counts
         for k in ks
     }
@@ -63,11 +64,12 @@ def retrieval_metrics(
 
 
 def format_table(metrics: Mapping, title: str = "") -> str:
-    """Markdown table in the papers' layout, from one result dict or a dict of row name -> result dict."""
+    """Markdown table in the papers' layout and notation (i2t R@1 ...), from one result dict or a dict of row name
+    -> result dict."""
     named = all(isinstance(v, Mapping) for v in metrics.values())
     rows = metrics if named else {"": metrics}
-    ks = [c.removeprefix("i2t_R@") for c in next(iter(rows.values())) if c.startswith("i2t_R@")]
-    cols = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in ks] + ["mR", "rsum"]
+    ks = [c.removeprefix("i2t_R") for c in next(iter(rows.values())) if c.startswith("i2t_R")]
+    cols = [f"{d}_R{k}" for d in ("i2t", "t2i") for k in ks] + ["mR", "rsum"]
     labels = [f"{d} R@{k}" if k == ks[0] else f"R@{k}" for d in ("i2t", "t2i") for k in ks] + ["mR", "rsum"]
     lead = ["model"] if named else []
     lines = [f"**{title}**", ""] if title else []

@@ -12,7 +12,7 @@ from rsalign_jax.modes import evaluate
 from rsalign_jax.runtime import metric_writer
 
 log = metric_writer.log
-TABLE_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR", "rsum")
+TABLE_KEYS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR", "rsum")
 
 
 def seed_workdir(workdir, seed):
