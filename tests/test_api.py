@@ -9,7 +9,7 @@ import pytest
 import rsalign_jax
 from helpers import runlocal_config
 from rsalign_jax import train
-from rsalign_jax.modes import search
+from rsalign_jax.modes import export, search
 from rsalign_jax.modes import trained as trained_lib
 
 QUERIES = ["many planes are parked near a runway", "a river runs through the green forest"]
@@ -33,15 +33,18 @@ def original(tmp_path_factory):
   captions = list(data.index.captions)
   text_results = search.run(config, str(workdir), queries=QUERIES, k=5)
   image_results = search.run(config, str(workdir), image_paths=[str(p) for p in paths[:2]], k=5)
+  exported = tmp_path_factory.mktemp("export")
+  export.export(config, str(workdir), output_dir=str(exported))
+  export_results = search.run(config, str(workdir), queries=QUERIES, k=5, gallery_dir=str(exported))
   copy = tmp_path_factory.mktemp("copied") / "workdir"
   shutil.copytree(workdir, copy)
   shutil.rmtree(data_dir)
   shutil.rmtree(workdir)
-  return text_results, image_results, paths, captions, copy
+  return text_results, image_results, paths, captions, copy, (exported, export_results)
 
 
 def test_a_copied_workdir_searches_images_as_the_search_mode_did(original):
-  text_results, _, paths, _, copy = original
+  text_results, _, paths, _, copy, _ = original
   model = rsalign_jax.load(copy)
   assert model.checkpoint == "best val (step 4)"
   found = model.search(QUERIES, model.image_gallery(paths), k=5)
@@ -52,7 +55,7 @@ def test_a_copied_workdir_searches_images_as_the_search_mode_did(original):
 
 
 def test_a_copied_workdir_searches_captions_as_the_search_mode_did(original):
-  _, image_results, paths, captions, copy = original
+  _, image_results, paths, captions, copy, _ = original
   model = rsalign_jax.load(copy)
   found = model.search(paths[:2], model.text_gallery(captions), k=5)
   for expected, matches in zip(image_results, found):
@@ -61,8 +64,19 @@ def test_a_copied_workdir_searches_captions_as_the_search_mode_did(original):
     assert [m.item for m in matches] == [r["caption"] for r in expected["results"]]
 
 
+def test_an_export_gallery_ranks_as_the_search_mode_over_it(original):
+  _, _, _, _, copy, (exported, export_results) = original
+  model = rsalign_jax.load(copy)
+  found = model.search(QUERIES, model.export_gallery(exported), k=5)
+  for expected, matches in zip(export_results, found):
+    assert [(m.row, m.score, m.item) for m in matches] == [(r["row"], r["score"], r["filename"])
+                                                           for r in expected["results"]]
+  with pytest.raises(ValueError, match="kind='captions': expected one of"):
+    model.export_gallery(exported, kind="captions")
+
+
 def test_scores_are_the_search_scores_and_arrays_embed_as_their_files(original):
-  text_results, _, paths, _, copy = original
+  text_results, _, paths, _, copy, _ = original
   model = rsalign_jax.load(copy)
   images = model.encode_images(paths)
   arrays = np.stack([np.asarray(PIL.Image.open(path).convert("RGB")) for path in paths])
@@ -76,7 +90,7 @@ def test_scores_are_the_search_scores_and_arrays_embed_as_their_files(original):
 
 
 def test_api_input_mistakes_are_clear(original):
-  _, _, paths, captions, copy = original
+  _, _, paths, captions, copy, _ = original
   model = rsalign_jax.load(copy)
   with pytest.raises(ValueError, match=r"expected \(H, W, 3\) uint8 RGB"):
     model.encode_images(np.zeros((8, 8), np.float32))

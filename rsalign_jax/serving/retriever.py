@@ -15,6 +15,7 @@ import numpy as np
 
 from rsalign_jax import configlib
 from rsalign_jax.evaluation import topk
+from rsalign_jax.modes import export as export_lib
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.serving import embedding
 
@@ -26,6 +27,9 @@ class Match:
   row: int
   score: float
   item: object
+
+
+GALLERY_KINDS = ("images", "texts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,18 @@ class Retriever:
     """A gallery of captions, for image queries."""
     texts = _text_list(texts)
     return Gallery("texts", self.encode_texts(texts), texts)
+
+  def export_gallery(self, export_dir, kind="images"):
+    """The images (or kind='texts': the captions) of an export of this model (`--mode=export`), memory-mapped."""
+    if kind not in GALLERY_KINDS:
+      raise ValueError(f"kind={kind!r}: expected one of {GALLERY_KINDS}")
+    manifest, arrays = export_lib.read(export_dir)
+    if manifest["model"] != self.config.model_name:
+      raise ValueError(f"{export_dir} holds {manifest['model']!r} embeddings; this model is "
+                       f"{self.config.model_name!r}")
+    if kind == "images":
+      return Gallery(kind, arrays["image_embeddings"], manifest["images"]["filename"])
+    return Gallery(kind, arrays["caption_embeddings"], manifest["captions"]["text"])
 
   def search(self, queries, gallery, k=5):
     """The k best gallery items of each query, best first, as lists of `Match`: texts (a str or a list of them)
