@@ -32,3 +32,14 @@ def pytest_configure_node(node):
 def pytest_unconfigure(config):
   if getattr(config, "workerinput", None) is None and hasattr(config, "xla_cache_dir"):
     shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hvsa_run(tmp_path_factory):
+  """(config, workdir, results) of one finished runlocal HVSA run (4 steps, val at step 4), trained once per worker
+  and shared by the tests that only read a trained workdir."""
+  from helpers import runlocal_config  # pylint: disable=g-import-not-at-top  (after the device flags above)
+  from rsalign_jax import train  # pylint: disable=g-import-not-at-top
+  config = runlocal_config(tmp_path_factory, eval_random_init=False)
+  workdir = tmp_path_factory.mktemp("hvsa")
+  return config, workdir, train.train_and_evaluate(config, str(workdir))

@@ -1,5 +1,6 @@
-"""`rsalign_jax.load`: a runlocal HVSA workdir copied alone (its dataset deleted) embeds, scores and searches
-exactly as `--mode=search` does on the original, on 8 virtual CPU devices."""
+"""`rsalign_jax.load`: a runlocal HVSA workdir copied alone (its config naming a dataset that does not exist) embeds,
+scores and searches exactly as `--mode=search` does on the original, on 8 virtual CPU devices."""
+import json
 import shutil
 
 import numpy as np
@@ -7,8 +8,6 @@ import PIL.Image
 import pytest
 
 import rsalign_jax
-from helpers import runlocal_config
-from rsalign_jax import train
 from rsalign_jax.modes import export, search
 from rsalign_jax.modes import trained as trained_lib
 
@@ -16,21 +15,16 @@ QUERIES = ["many planes are parked near a runway", "a river runs through the gre
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory):
-  """(search results on the original workdir, the test split's image files and captions, the copied workdir),
-  with the run's dataset deleted afterwards."""
-  config = runlocal_config(tmp_path_factory, eval_random_init=False)
-  data_dir = tmp_path_factory.mktemp("private_tfds")
-  config.dataset.data_dir = str(data_dir)
-  workdir = tmp_path_factory.mktemp("hvsa_api")
-  train.train_and_evaluate(config, str(workdir))
+def original(hvsa_run, tmp_path_factory):
+  """(search results on the session's runlocal workdir, the test split's image files and captions, a copy of the
+  workdir whose config names a dataset that does not exist, (an export, search results over it))."""
+  config, workdir, _ = hvsa_run
   data = trained_lib.load(config, str(workdir)).setup.split(config.dataset.test_split)
   files = tmp_path_factory.mktemp("gallery_files")
   paths = []
   for position, filename in enumerate(data.index.filenames):
     paths.append(files / filename)
     paths[-1].write_bytes(data.inputs[position]["image"])
-  captions = list(data.index.captions)
   text_results = search.run(config, str(workdir), queries=QUERIES, k=5)
   image_results = search.run(config, str(workdir), image_paths=[str(p) for p in paths[:2]], k=5)
   exported = tmp_path_factory.mktemp("export")
@@ -38,9 +32,10 @@ def original(tmp_path_factory):
   export_results = search.run(config, str(workdir), queries=QUERIES, k=5, gallery_dir=str(exported))
   copy = tmp_path_factory.mktemp("copied") / "workdir"
   shutil.copytree(workdir, copy)
-  shutil.rmtree(data_dir)
-  shutil.rmtree(workdir)
-  return text_results, image_results, paths, captions, copy, (exported, export_results)
+  saved = json.loads((copy / "config.json").read_text())
+  saved["dataset"].update(name="no_such_dataset", data_dir=str(files / "no_such_dir"), manual_dir="")
+  (copy / "config.json").write_text(json.dumps(saved))
+  return text_results, image_results, paths, list(data.index.captions), copy, (exported, export_results)
 
 
 def test_a_copied_workdir_searches_images_as_the_search_mode_did(original):

@@ -31,13 +31,10 @@ from rsalign_jax.runtime import checkpointing
 from rsalign_jax.serving import embedding
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """(config, workdir, results) of one finished runlocal training run (4 steps, val at step 4)."""
-  config = runlocal_config(tmp_path_factory, eval_random_init=False)
-  workdir = tmp_path_factory.mktemp("hvsa")
-  results = train.train_and_evaluate(config, str(workdir))
-  return config, workdir, results
+@pytest.fixture
+def run(hvsa_run):
+  """(config, workdir, results) of the session's runlocal HVSA run (4 steps, val at step 4)."""
+  return hvsa_run
 
 
 def test_eval_recomputes_the_trainers_test_numbers(run, capsys):
