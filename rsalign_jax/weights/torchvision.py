@@ -1,6 +1,6 @@
 """torchvision ResNet state dicts (`resnet18-*.pth`, `resnet50-*.pth`, ...) -> models.resnet.ResNet variables.
 
-The file is read with `torch.load(weights_only=True)` (torchvision itself does not import with this torch). Depth
+The file is read without torch (`common.load_state_dict`, as torch.load(weights_only=True) would). Depth
 and width are read off the keys (blocks per stage, whether blocks have a `conv3`, the stem's channels). Conv weights
 become HWIO kernels; BatchNorm weight/bias go to `params` as scale/bias and running_mean/var to `batch_stats` as
 mean/var. The classifier `fc.*` and the `num_batches_tracked` counters have no place in the trunk: they are logged
