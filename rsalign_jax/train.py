@@ -20,7 +20,7 @@ from rsalign_jax import configlib, experiment, gradcache, optimizers
 from rsalign_jax.data import pipeline
 from rsalign_jax.serving import gallery
 from rsalign_jax.evaluation import metrics as metrics_lib
-from rsalign_jax.runtime import checkpointing, metric_writer, preemption, provenance, workdir_lock
+from rsalign_jax.runtime import checkpointing, metric_writer, preemption, progress, provenance, workdir_lock
 from rsalign_jax.runtime import sharding as sharding_lib
 
 log = metric_writer.log
@@ -88,11 +88,6 @@ def _check_finite(first):
     raise FloatingPointError(
         f"step {first['step']}: non-finite {bad}; stopping before any checkpoint of this or a later state is written. "
         "Lower optimizer.lr, set optimizer.grad_clip_norm, or check the input data.")
-
-
-def _format_duration(seconds):
-  minutes, seconds = divmod(int(seconds), 60)
-  return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 def train_and_evaluate(config, workdir):
@@ -179,8 +174,8 @@ def _train_and_evaluate(config, workdir, mesh):
         writer.scalars(step, {"seconds_per_step": seconds_per_step,
                               "images_per_second": config.input.batch_size / seconds_per_step}, prefix="perf/")
         log("step %d/%d (epoch %.1f) loss %.4f | %.3f s/step, %.0f img/s | ETA %s", step, total_steps,
-            step / steps_per_epoch, step_metrics["loss"], seconds_per_step,
-            config.input.batch_size / seconds_per_step, _format_duration(seconds_per_step * (total_steps - step)))
+            step / steps_per_epoch, step_metrics["loss"], seconds_per_step, config.input.batch_size / seconds_per_step,
+            progress.format_duration(seconds_per_step * (total_steps - step)))
         window_start, window_steps = time.time(), 0
       if val_now:
         val = retrieval.evaluate(val_evaluator, experiment.model_variables(state))

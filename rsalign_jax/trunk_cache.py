@@ -27,6 +27,7 @@ import numpy as np
 from rsalign_jax.data import preprocessing, sources
 from rsalign_jax.models import base as model_base
 from rsalign_jax.runtime import metric_writer
+from rsalign_jax.runtime import progress as progress_lib
 
 log = metric_writer.log
 MAX_VIEWS = 8
@@ -150,7 +151,7 @@ class TrunkCache:
     views = self._views if split == self._config.dataset.train_split else 1
     path = self._path("image", split)
     if not os.path.exists(path):
-      self._save(path, outputs=self._compute_images(source, views))
+      self._save(path, outputs=self._compute_images(source, views, split))
     with np.load(path) as cached:
       return CachedImages(source, cached["outputs"])
 
@@ -164,7 +165,7 @@ class TrunkCache:
     path = self._path("text", split)
     if not os.path.exists(path):
       distinct = sorted(set(sources.CaptionIndex.read(source).captions))
-      self._save(path, outputs=self._compute_texts(distinct, self._config.text.max_len),
+      self._save(path, outputs=self._compute_texts(distinct, self._config.text.max_len, f"{split} captions"),
                  captions=np.asarray(distinct, dtype=object))
     with np.load(path, allow_pickle=True) as cached:
       return CachedTexts(self._vocab, cached["captions"].tolist(), cached["outputs"], self._compute_texts)
@@ -184,34 +185,37 @@ class TrunkCache:
     os.replace(partial, path)
     log("trunk cache: wrote %s (%s)", path, ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
 
-  def _compute_images(self, source, views):
+  def _compute_images(self, source, views, split):
     pp = preprocessing.parse(self._config.input.pp_eval)
     rows = max(1, self._config.eval_batch_size // views)
     outputs = []
-    for start in range(0, len(source), rows):
-      rng = np.random.default_rng(0)  # eval preprocessing is deterministic
-      images = [pp(source[i]["image"], rng) for i in range(start, min(start + rows, len(source)))]
-      batch = np.stack([dihedral_view(image, k) for image in images for k in range(views)])
-      out = _in_batches(lambda x: self._image_fn(self.variables(), x), (batch,), rows * views, self._dtype)
-      outputs.append(out.reshape((len(images), views) + out.shape[1:]))
-      if start // rows % 10 == 0:
-        log("trunk cache: images %d/%d (%d views)", start + len(images), len(source), views)
+    name = f"trunk cache: {split} images" + (f" ({views} views)" if views > 1 else "")
+    with progress_lib.Progress(name, len(source)) as progress:
+      for start in range(0, len(source), rows):
+        rng = np.random.default_rng(0)  # eval preprocessing is deterministic
+        images = [pp(source[i]["image"], rng) for i in range(start, min(start + rows, len(source)))]
+        batch = np.stack([dihedral_view(image, k) for image in images for k in range(views)])
+        out = _in_batches(lambda x: self._image_fn(self.variables(), x), (batch,), rows * views, self._dtype)
+        outputs.append(out.reshape((len(images), views) + out.shape[1:]))
+        progress.update(len(images))
     return np.concatenate(outputs)
 
-  def _compute_texts(self, captions, max_len):
+  def _compute_texts(self, captions, max_len, what="texts"):
     tokens, lengths, _ = self._vocab.encode_batch(captions, max_len)
-    return _in_batches(lambda t, n: self._text_fn(self.variables(), t, n), (tokens, lengths),
-                       self._config.eval_batch_size, self._dtype)
+    with progress_lib.Progress(f"trunk cache: {what}", len(captions)) as progress:
+      return _in_batches(lambda t, n: self._text_fn(self.variables(), t, n), (tokens, lengths),
+                         self._config.eval_batch_size, self._dtype, progress)
 
 
-def _in_batches(fn, arrays, rows, dtype):
+def _in_batches(fn, arrays, rows, dtype, progress=None):
   """`fn` over batches of exactly `rows` rows of `arrays` (the last one padded by repeating its last row, so one
-  compiled function serves all), outputs concatenated without the padding, as `dtype`."""
+  compiled function serves all), outputs concatenated without the padding, as `dtype`; counted in `progress`."""
   total = len(arrays[0])
   outputs = []
   for start in range(0, total, rows):
     batch = [a[start:start + rows] for a in arrays]
     padded = [np.concatenate([b, np.repeat(b[-1:], rows - len(b), axis=0)]) for b in batch]
     outputs.append(np.asarray(fn(*padded))[:len(batch[0])].astype(dtype))
+    if progress is not None:
+      progress.update(len(batch[0]))
   return np.concatenate(outputs)
-

@@ -1,16 +1,20 @@
 """Opening image-caption datasets: tfds builders (built into `data_dir` on first use) read with random access.
 
-A dataset name `module/config` (e.g. `synthetic_rs/small`, `rsicd`) resolves to the builder registered by
-importing `rsalign_jax.data.<module>`: adding a dataset is adding a module, never editing a table.
+A dataset name `module/config` (e.g. `synthetic_rs/small`, `rsicd`, `amfmn_splits/ucm`) resolves to the builder
+registered by importing `rsalign_jax.data.<module>`: adding a dataset is adding a module, never editing a table.
 """
 import dataclasses
 import importlib
 import os
+import sys
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from rsalign_jax.data import metadata_prompts
+from rsalign_jax.runtime import metric_writer
+from rsalign_jax.runtime import progress
 
 
 def default_data_dir():
@@ -31,13 +35,29 @@ def open_split(dataset_config, split):
     if e.name != f"rsalign_jax.data.{module}":
       raise
     raise ValueError(f"dataset.name={name!r}: no module rsalign_jax/data/{module}.py registers a builder") from None
+  _check_config(name, module)
   builder = tfds.builder(name, data_dir=dataset_config.get("data_dir") or default_data_dir(),
                          file_format="array_record")
+  built, start = builder.data_path.exists(), time.monotonic()  # what download_and_prepare checks
+  if not built:
+    metric_writer.log("building dataset %s in %s", name, builder.data_dir)
+  tfds.display_progress_bar(sys.stderr.isatty())  # tqdm bars are carriage returns and escape codes in a log file
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=dataset_config.get("manual_dir"), try_download_gcs=False))
+  if not built:
+    metric_writer.log("built dataset %s in %s", name, progress.format_duration(time.monotonic() - start))
   _check_not_empty(name, split, builder.info.splits)
   source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
   return metadata_prompts.with_captions(source, builder.info.features, dataset_config.get("captions", "captions"), name)
+
+
+def _check_config(name, module):
+  """A config the builder lacks is an error listing the names it has (tfds' own message lists none)."""
+  config = name.partition("/")[2].partition(":")[0]
+  configs = tfds.builder_cls(module).builder_configs
+  if config and config not in configs:
+    raise ValueError(f"dataset.name={name!r}: builder {module} has no config {config!r}; expected "
+                     f"--config.dataset.name= one of {', '.join(f'{module}/{c}' for c in configs)}")
 
 
 def _check_not_empty(name, split, splits):

@@ -8,6 +8,7 @@ import numpy as np
 
 from rsalign_jax.data import preprocessing
 from rsalign_jax.evaluation import metrics as metrics_lib
+from rsalign_jax.runtime import progress as progress_lib
 from rsalign_jax.runtime import sharding as sharding_lib
 
 _CACHE_LIMIT_BYTES = 1 << 30
@@ -23,7 +24,7 @@ class RetrievalEvaluator:
 
   def __init__(self, split, *, pp_spec, batch_size, mesh, score_chunk=1024):
     """split: a `data.splits.Split` (its `inputs` hold the images as the model reads them)."""
-    self._source = split.inputs
+    self._name, self._source = split.name, split.inputs
     self._pp = preprocessing.parse(pp_spec)
     self._batch_size = batch_size
     self._sharding = sharding_lib.batch_sharding(mesh)
@@ -58,26 +59,33 @@ class RetrievalEvaluator:
     if images.nbytes <= _CACHE_LIMIT_BYTES:
       self._images = images
 
-  def _embed(self, fn, variables, batches):
+  def _embed(self, fn, variables, batches, progress):
     out = []
-    for arrays in batches:
-      n = len(jax.tree.leaves(arrays)[0])
-      embeddings = fn(variables, *sharding_lib.padded_global_batch(arrays, self._batch_size, self._sharding))
-      out.append(np.asarray(embeddings)[:n])
+    with progress:
+      for arrays in batches:
+        n = len(jax.tree.leaves(arrays)[0])
+        embeddings = fn(variables, *sharding_lib.padded_global_batch(arrays, self._batch_size, self._sharding))
+        out.append(np.asarray(embeddings)[:n])
+        progress.update(n)
     return np.concatenate(out)
 
   def embeddings(self, variables, embed_images, embed_texts):
     """Returns (image embeddings (N, D), distinct-caption embeddings (U, D))."""
     image_fields = _batches(self._image_fields, self._batch_size)
-    images = self._embed(embed_images, variables, zip(self._image_batches(), image_fields))
+    images = self._embed(embed_images, variables, zip(self._image_batches(), image_fields),
+                         progress_lib.Progress(f"embedding {self._name} images", self.num_images))
     texts = self._embed(embed_texts, variables, _batches((self._unique_tokens, self._unique_lengths,
-                                                           self._text_fields), self._batch_size))
+                                                           self._text_fields), self._batch_size),
+                        progress_lib.Progress(f"embedding {self._name} distinct captions", len(self._unique_tokens)))
     return images, texts
 
   def similarity(self, variables, score, image_embeddings, text_embeddings):
     """The (N images, N captions) similarity matrix, scored in image chunks against the distinct captions."""
-    blocks = [np.asarray(score(variables, image_embeddings[i:i + self._score_chunk], text_embeddings))
-              for i in range(0, len(image_embeddings), self._score_chunk)]
+    blocks = []
+    with progress_lib.Progress(f"scoring {self._name} images", len(image_embeddings)) as progress:
+      for i in range(0, len(image_embeddings), self._score_chunk):
+        blocks.append(np.asarray(score(variables, image_embeddings[i:i + self._score_chunk], text_embeddings)))
+        progress.update(len(blocks[-1]))
     return np.concatenate(blocks)[:, self._caption_to_unique]
 
   def run(self, variables, embed_images, embed_texts, score):

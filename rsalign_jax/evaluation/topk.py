@@ -5,7 +5,8 @@ memmaps of an export far larger than memory) is read `chunk_rows` rows per devic
 mesh of all devices; the queries stay on every device. Each device scores all queries against its rows in blocks
 of `query_block` queries (`lax.map`, so memory is one (query_block, chunk_rows) score block), keeps its own top k,
 and the devices' candidates are merged with the running top k of the chunks before. Host reads of the next chunk
-overlap the devices' work on the current one (JAX dispatch is asynchronous).
+overlap the devices' work on the current one (JAX dispatch is asynchronous); one chunk is scored at a time, so the
+devices hold at most two and the progress lines (`runtime.progress`) count rows already scored.
 
 The per-block top k is exact and two-stage (ours): the row maxima of groups of `group` consecutive columns pick the
 k best groups, and the top k of those k * group candidates is the top k of the block (an item of the top k lies in
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rsalign_jax.runtime import progress as progress_lib
 
 _AXIS = "gallery"
 
@@ -92,11 +95,20 @@ def exact_topk(queries, gallery, k, *, score_fn=dot_scores, variables=None, devi
   best_scores = jax.device_put(np.full((padded_queries, k), -np.inf, np.float32), replicated)
   best_indices = jax.device_put(np.full((padded_queries, k), -1, np.int32), replicated)
   rows = NamedSharding(mesh, P(_AXIS))
+  progress = progress_lib.Progress(f"top-{k} search over gallery rows", num_gallery)
+  scoring = 0  # rows of the chunk the devices are scoring
   with jax.set_mesh(mesh):  # the search's own flat mesh, also inside a caller's (e.g. the trainer's) mesh context
     for start in range(0, num_gallery, chunk):
-      part = jax.tree.map(lambda a: _pad(a[start:start + chunk], chunk), gallery)
-      best_scores, best_indices = step(best_scores, best_indices, variables, queries, jax.device_put(part, rows),
-                                       np.int32(start), np.int32(num_gallery))
+      part = jax.device_put(jax.tree.map(lambda a: _pad(a[start:start + chunk], chunk), gallery), rows)
+      if scoring:
+        jax.block_until_ready(best_scores)
+        progress.update(scoring)
+      best_scores, best_indices = step(best_scores, best_indices, variables, queries, part, np.int32(start),
+                                       np.int32(num_gallery))
+      scoring = min(chunk, num_gallery - start)
+    jax.block_until_ready(best_scores)
+  progress.update(scoring)
+  progress.done()
   return (np.asarray(best_scores)[:num_queries],
           np.asarray(best_indices)[:num_queries].astype(np.int64))
 

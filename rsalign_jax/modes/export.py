@@ -49,7 +49,8 @@ def write(loaded, data, output_dir):
     os.makedirs(output_dir, exist_ok=True)
   setup, variables = loaded.setup, loaded.variables
   batches = {"image": lambda: embedding.image_batches(setup, data),
-             "caption": lambda: embedding.text_batches(setup, data.tokens, data.lengths, data.text_fields)}
+             "caption": lambda: embedding.text_batches(setup, data.tokens, data.lengths, data.text_fields,
+                                                       f"{data.name} captions")}
   towers = {"image": "images", "caption": "texts"}
   code_towers = {"image": "image_codes", "caption": "text_codes"}
   counts = {"image": data.index.num_images, "caption": len(data.index.captions)}
