@@ -6,7 +6,8 @@ Arg: one row of the README's "Results on real data" tables (ROWS), `seed=N`, `ma
 ../shared/data/rsicd_aid150 beside the repository), `data_dir=PATH` (where the tfds build goes; default
 ~/tensorflow_datasets/rsicd_aid150, apart from a real RSICD build), `epochs=N` (default per row), `views=N` (rows
 with a frozen tower: train on its cached trunk outputs (N dihedral views per image, `rsalign_jax.trunk_cache`;
-0 recomputes the towers every step; default per row).
+0 recomputes the towers every step; default per row), `image_size=N` (the model's input size; default the images'
+own 150 px).
 
 Protocol (the papers'): train/val are the re-split of the RSICD train images (`train_papers`/`val_papers`), the
 test split is the official one; the best-by-val-rsum checkpoint is tested. Ours, for the CPU budget: images stay at
@@ -57,14 +58,14 @@ ROWS = {
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, positional="row", row="hvsa_pretrained", seed=0, epochs=0, views=-1,
+  arg = configlib.parse_arg(arg, positional="row", row="hvsa_pretrained", seed=0, epochs=0, views=-1, image_size=150,
                             manual_dir=os.path.join(os.path.dirname(REPO), "shared", "data", "rsicd_aid150"),
                             data_dir=os.path.join("~", "tensorflow_datasets", "rsicd_aid150"))
   if arg.row not in ROWS:
     raise ValueError(f"config arg row {arg.row!r}: expected one of {sorted(ROWS)}")
   method, method_arg, epochs, lr, *extras = ROWS[arg.row]
   extras = extras[0] if extras else {}
-  config = load_method_config(method, f"rsicd,{method_arg},seed={arg.seed},image_size=150,"
+  config = load_method_config(method, f"rsicd,{method_arg},seed={arg.seed},image_size={arg.image_size},"
                                       f"manual_dir={arg.manual_dir},data_dir={os.path.expanduser(arg.data_dir)}")
   config.input.batch_size = 128
   config.input.sampling = "per_image"
