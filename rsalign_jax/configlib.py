@@ -52,21 +52,26 @@ def hvsa_augmentation(size):
 REAL_DATASETS = {"rsicd": "rsicd", "rsitmd": "rsitmd", "ucm": "ucm_captions", "sydney": "sydney_captions"}
 
 
+# The `config.dataset` fields of a training corpus (`rsalign_jax.data.corpus`), with their defaults: no corpus.
+CORPUS_FIELDS = dict(corpus="", on_bad="skip", caption_column="", image_column="", index_dir="")
+
+
 def dataset_config(name, manual_dir=""):
   """Dataset, splits and image size for a config arg's dataset: the synthetic benchmark or a real RS dataset.
 
   Real datasets follow the papers' protocol: train/val are the re-split of the official train images
-  (`train_papers`/`val_papers`), the test split is the official one; images are resized to 256 px.
+  (`train_papers`/`val_papers`), the test split is the official one; images are resized to 256 px. The corpus
+  fields (`rsalign_jax.data.corpus`) train on webdataset/parquet shards in place of the train split.
   """
   if name == "synthetic":
     return ml_collections.ConfigDict(dict(
         name="synthetic_rs/small", data_dir="", manual_dir="", train_split="train", val_split="val",
-        test_split="test", image_size=80))
+        test_split="test", image_size=80, **CORPUS_FIELDS))
   if name not in REAL_DATASETS:
     raise ValueError(f"dataset {name!r}: expected 'synthetic' or one of {sorted(REAL_DATASETS)}")
   return ml_collections.ConfigDict(dict(
       name=REAL_DATASETS[name], data_dir="", manual_dir=manual_dir, train_split="train_papers",
-      val_split="val_papers", test_split="test", image_size=256))
+      val_split="val_papers", test_split="test", image_size=256, **CORPUS_FIELDS))
 
 
 def base_config(arg):

@@ -24,6 +24,7 @@ import os
 import jax
 import numpy as np
 
+from rsalign_jax import configlib
 from rsalign_jax.data import preprocessing, sources
 from rsalign_jax.models import base as model_base
 from rsalign_jax.runtime import metric_writer
@@ -63,8 +64,11 @@ def fingerprint(config, tower: str) -> str:
   head_fields = model_base.model_class(config.model_name).HEAD_FIELDS
   model = {k: v for k, v in config.model.to_dict().items() if k not in head_fields}
   image = tower == "image"
+  dataset = config.dataset.to_dict()
+  if not dataset.get("corpus"):  # the corpus options change nothing without a corpus: keep earlier caches valid
+    dataset = {k: v for k, v in dataset.items() if k not in configlib.CORPUS_FIELDS}
   keys = dict(model_name=config.model_name, model=model, init=init,
-              compute_dtype=config.get("compute_dtype", "float32"), dataset=config.dataset.to_dict(),
+              compute_dtype=config.get("compute_dtype", "float32"), dataset=dataset,
               dtype=config.trunk_cache.get("dtype", "float16"), pp_eval=config.input.pp_eval if image else None,
               views=config.trunk_cache.views if image else None, text=None if image else config.text.to_dict())
   return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]

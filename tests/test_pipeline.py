@@ -109,11 +109,12 @@ def test_unknown_or_missing_fields_are_reported():
     items[0]
 
 
-def test_a_split_the_build_left_empty_or_absent_is_named_before_reading(monkeypatch):
+def test_a_split_the_build_left_empty_or_absent_is_named_before_reading(monkeypatch, tmp_path):
   class Built:
     def __init__(self, *args, **kwargs):
       self.info = types.SimpleNamespace(splits={"train": types.SimpleNamespace(num_examples=9),
                                                 "test": types.SimpleNamespace(num_examples=0)})
+      self.data_path = tmp_path  # an existing build
 
     def download_and_prepare(self, **kwargs):
       pass

@@ -2,6 +2,8 @@
 
 A dataset name `module/config` (e.g. `synthetic_rs/small`, `rsicd`, `amfmn_splits/ucm`) resolves to the builder
 registered by importing `rsalign_jax.data.<module>`: adding a dataset is adding a module, never editing a table.
+`dataset.corpus = "webdataset:GLOB"` or `"parquet:GLOB"` makes the training split a corpus read in place (`corpus`);
+val and test still come from `dataset.name`.
 """
 import dataclasses
 import importlib
@@ -12,6 +14,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rsalign_jax.data import corpus
 from rsalign_jax.data import metadata_prompts
 from rsalign_jax.runtime import metric_writer
 from rsalign_jax.runtime import progress
@@ -27,6 +30,8 @@ def open_split(dataset_config, split):
   Records are dicts of numpy values; `image` stays encoded (bytes) so decoding is a preprocessing op.
   `dataset.captions = "metadata_prompt"` replaces each record's captions by its metadata prompt (`metadata_prompts`).
   """
+  if dataset_config.get("corpus") and split == dataset_config.get("train_split"):
+    return _open_corpus(dataset_config)
   name = dataset_config.name
   module = name.split("/")[0]
   try:
@@ -49,6 +54,18 @@ def open_split(dataset_config, split):
   _check_not_empty(name, split, builder.info.splits)
   source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
   return metadata_prompts.with_captions(source, builder.info.features, dataset_config.get("captions", "captions"), name)
+
+
+def _open_corpus(dataset_config):
+  """The training split read from `dataset.corpus`, its shards indexed on first use into `dataset.index_dir`
+  (default: `corpus_index` in the data dir); `dataset.caption_column`, `image_column` and `on_bad` as in `corpus`."""
+  index_dir = dataset_config.get("index_dir") or os.path.join(
+      dataset_config.get("data_dir") or default_data_dir(), "corpus_index")
+  source = corpus.open_corpus(dataset_config.corpus, index_dir=os.path.expanduser(index_dir),
+                              caption_column=dataset_config.get("caption_column", ""),
+                              image_column=dataset_config.get("image_column", ""),
+                              on_bad=dataset_config.get("on_bad", "skip"))
+  return metadata_prompts.with_captions(source, {}, dataset_config.get("captions", "captions"), dataset_config.corpus)
 
 
 def _check_config(name, module):
@@ -86,7 +103,9 @@ class CaptionIndex:
 
   @classmethod
   def read(cls, source):
-    """Reads all captions of a source once (images are not decoded)."""
+    """Reads all captions of a source once (images are not decoded; a corpus gives them from its index, unread)."""
+    if isinstance(source, corpus.CorpusSource):
+      return cls(*source.caption_index())
     captions, record, image_ids, filenames = [], [], [], []
     for position in range(len(source)):
       example = source[position]
