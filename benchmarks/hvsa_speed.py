@@ -147,8 +147,8 @@ def make_config(batch_size):
   config.total_steps = _WARMUP.value + _STEPS.value
   config.log_every_steps = 1
   config.checkpoint_every_steps = config.total_steps
-  config.eval_random_init = False
-  config.dataset.val_split = ""
+  for name in ("val", "val_gallery", "random_init"):
+    config.evals[name].enabled = False
   config.test_on_best = False
   config.eval_batch_size = batch_size
   return config

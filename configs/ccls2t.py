@@ -3,6 +3,7 @@
   python -m rsalign_jax.main --config=configs/ccls2t.py --workdir=DIR            # synthetic benchmark, CPU size
   python -m rsalign_jax.main --config=configs/ccls2t.py:runlocal --workdir=DIR   # a seconds-long smoke run
   python benchmarks/hash_retrieval.py --workdir=DIR                              # CBRSIR: hash codes + index
+The trainer itself reports the exhaustive Hamming CBRSIR row at the end (`config.evals.hash`, results.json `hash`).
 Arg options: a dataset (`synthetic`, `rsicd`, `rsitmd`, `ucm`, `sydney`), `runlocal`, `manual_dir=PATH`, `seed=N`.
 
 On the synthetic benchmark the captions are the images' metadata prompts (`dataset.captions='metadata_prompt'`),
@@ -35,7 +36,12 @@ def get_config(arg=None):
   config.optimizer = dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0)
   config.schedule = dict(name="warmup_step_decay", warmup_epochs=1, decay_every_epochs=13, decay_factor=0.1)
   config.total_epochs = 18  # 15 steps an epoch: one metadata prompt per image
-  config.eval_every_epochs = 3.0
+  config.evals.val.every_epochs = config.evals.val_gallery.every_epochs = 3.0
+  # CBRSIR with the hash codes (benchmarks/hash_retrieval.py's exhaustive Hamming row): test images query the train
+  # images, relevant = same scene class (Sydney-Captions has no scene labels).
+  config.evals.hash = dict(type="hash_retrieval", split=config.dataset.test_split,
+                           gallery_split=config.dataset.train_split, ks=(10, 50), at="end",
+                           enabled=arg.dataset != "sydney")
 
   if arg.dataset in REAL_DATASETS:
     config.dataset.captions = "captions"
@@ -46,7 +52,7 @@ def get_config(arg=None):
     config.optimizer.lr = 2e-4
     config.schedule = dict(name="warmup_step_decay", warmup_epochs=2, decay_every_epochs=20, decay_factor=0.1)
     config.total_epochs = 30
-    config.eval_every_epochs = 1.0
+    config.evals.val.every_epochs = config.evals.val_gallery.every_epochs = 1.0
   if arg.runlocal:
     configlib.shrink_for_runlocal(config)
     config.model = dict(config.model.to_dict(), embed_dim=32, resnet_width=8, fusion_heads=2, text_width=32,

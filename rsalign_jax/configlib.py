@@ -101,8 +101,19 @@ def base_config(arg):
   config.compute_dtype = "float32"
   config.grad_cache_chunk = 0
   config.eval_batch_size = 256
-  config.eval_every_epochs = 1.0
-  config.eval_random_init = True
+  # Evaluators, big_vision style (rsalign_jax/evaluation/schedule.py): name -> dict(type=<module of
+  # rsalign_jax/evaluation/evaluators/>, split=..., one schedule: every_epochs=E (and at the last step), at='start'
+  # (a fresh run's initial state) or at='end' (the tested state), then the evaluator's options). Metrics go under
+  # `<name>/`; start and end ones also into results.json under `name`. The periodic entry with select_best=True picks
+  # the best checkpoint by its rsum (the one tested if test_on_best; with none, the last state is tested). Off:
+  # --config.evals.<name>.enabled=False; another entry: add it in the config file (a locked config takes no new keys).
+  # The split names are copied: a later dataset.*_split override does not move an entry (set evals.<name>.split).
+  val, test = config.dataset.val_split, config.dataset.test_split
+  config.evals = dict(
+      val=dict(type="retrieval", split=val, every_epochs=1.0, select_best=True, enabled=True),
+      val_gallery=dict(type="gallery", split=val, every_epochs=1.0, queries=4, enabled=True),
+      random_init=dict(type="retrieval", split=test, at="start", enabled=True),
+      test=dict(type="retrieval", split=test, at="end", enabled=True))
   config.test_on_best = True
   config.total_epochs = 1
   config.total_steps = 0  # > 0 overrides total_epochs
@@ -110,7 +121,6 @@ def base_config(arg):
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   config.seeds = ()  # several seeds: --mode=train|eval runs each in WORKDIR/seed_<n> and reports mean ± std
-  config.gallery_queries = 4  # validation gallery picture in TensorBoard: number of queries (0: off)
   return config
 
 

@@ -196,6 +196,7 @@ class Setup:
   trunk_cache: trunk_cache_lib.TrunkCache | None = None  # frozen trunks' outputs, when the model reads those
   splits: dict = dataclasses.field(default_factory=dict)  # name -> splits.Split, read on first use
   train_data: tuple | None = None  # (records, CaptionIndex) of the training split, read on first use
+  evaluators: dict = dataclasses.field(default_factory=dict)  # split name -> RetrievalEvaluator, built on first use
 
   @property
   def train_source(self):
@@ -247,8 +248,13 @@ class Setup:
     return self.splits[name]
 
   def make_evaluator(self, split):
-    return evaluator_lib.RetrievalEvaluator(self.split(split), pp_spec=self.pp_eval,
-                                            batch_size=self.config.eval_batch_size, mesh=self.mesh)
+    """Split `split`'s `RetrievalEvaluator`, built on first use and kept: a run's evaluators of one split share it
+    (and the decoded images it keeps)."""
+    if split not in self.evaluators:
+      self.evaluators[split] = evaluator_lib.RetrievalEvaluator(self.split(split), pp_spec=self.pp_eval,
+                                                                batch_size=self.config.eval_batch_size,
+                                                                mesh=self.mesh)
+    return self.evaluators[split]
 
   def initial_state(self, rng):
     """A fresh sharded train state from `rng`, with `config.init`'s pretrained weights (`load_pretrained`)."""

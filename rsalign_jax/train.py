@@ -1,9 +1,10 @@
 """The one trainer: methods differ by config, model module (`config.model_name`) and objective (`config.loss_name`).
 
-`train_and_evaluate(config, workdir)` trains with the global batch sharded over the ('data', 'fsdp') mesh,
-evaluates on the validation split every `eval_every_epochs`, keeps the best-by-val-rsum state, resumes automatically
-from the newest checkpoint in `workdir`, and ends with the test evaluation written to `workdir/results.json`. On a
-preemption notice (SIGTERM) it finishes the current step, checkpoints it and returns early; re-running the same
+`train_and_evaluate(config, workdir)` trains with the global batch sharded over the ('data', 'fsdp') mesh, runs the
+evaluators of `config.evals` on their schedules (`evaluation.schedule`: periodic ones, e.g. validation; start ones on a
+fresh initial state; end ones on the tested state), keeps the best state by the selecting entry's rsum, resumes
+automatically from the newest checkpoint in `workdir`, and writes the start and end metrics to `workdir/results.json`.
+On a preemption notice (SIGTERM) it finishes the current step, checkpoints it and returns early; re-running the same
 command resumes.
 """
 import functools
@@ -18,12 +19,16 @@ import optax
 
 from rsalign_jax import configlib, experiment, gradcache, optimizers
 from rsalign_jax.data import pipeline
-from rsalign_jax.serving import gallery
-from rsalign_jax.evaluation import metrics as metrics_lib
+from rsalign_jax.evaluation import evaluators as evaluators_lib
+from rsalign_jax.evaluation import schedule as schedule_lib
 from rsalign_jax.runtime import checkpointing, metric_writer, preemption, progress, provenance, workdir_lock
 from rsalign_jax.runtime import sharding as sharding_lib
 
 log = metric_writer.log
+# What results.json holds besides the metrics of the start and end evaluators (under their names, which these keys
+# are not).
+RESULTS_KEYS = ("tested_checkpoint", "best_val", "best_step", "total_steps", "train_seconds_this_run", "dataset",
+                "test_images", "model", "loss", "seed", "config", "git_commit", "versions")
 
 
 def train_step(state, batch, *, model, objective, tx, schedule, dropout_key, grad_cache_chunk=0, frozen=()):
@@ -113,13 +118,11 @@ def _train_and_evaluate(config, workdir, mesh):
   items = setup.train_items()
   steps_per_epoch = setup.steps_per_epoch
   total_steps = config.get("total_steps") or config.total_epochs * steps_per_epoch
-  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-  val_evaluator = setup.make_evaluator(config.dataset.val_split) if config.dataset.get("val_split") else None
-  test_evaluator = setup.make_evaluator(config.dataset.test_split)
+  schedule = schedule_lib.Schedule(config.evals, steps_per_epoch, total_steps, reserved=RESULTS_KEYS)
+  evaluators = evaluators_lib.build(setup, schedule.entries)
 
   rng = jax.random.key(config.seed)
-  model, state_sharding, abstract_state, retrieval = (setup.model, setup.state_sharding, setup.abstract_state,
-                                                      setup.retrieval)
+  model, state_sharding, abstract_state = setup.model, setup.state_sharding, setup.abstract_state
   step_fn = jax.jit(
       functools.partial(train_step, model=model, objective=setup.objective, tx=setup.tx, schedule=setup.schedule,
                         dropout_key=jax.random.fold_in(rng, 1), grad_cache_chunk=config.grad_cache_chunk,
@@ -131,17 +134,16 @@ def _train_and_evaluate(config, workdir, mesh):
   best_checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "best"), keep=1)
   loader_iterator = iter(pipeline.make_train_loader(items, pp_spec=setup.pp_train, seed=config.seed,
                                                     worker_count=config.input.worker_count))
-  meta = {"best_val_rsum": -1.0, "best_step": None, "random_init_test": None}
+  meta = {"best_val_rsum": -1.0, "best_step": None, "best_val": None, "start": {}}  # "start": {name: metrics}
   if checkpointer.latest_step() is not None:
-    state, loader_state, meta = checkpointer.restore(abstract_state)
+    state, loader_state, restored_meta = checkpointer.restore(abstract_state)
+    meta.update(restored_meta)
     loader_iterator.set_state(loader_state)
     writer.truncate_after(int(state.step))
     log("resumed from %s at step %d", workdir, int(state.step))
   else:
     state = setup.initial_state(rng)
-    if config.eval_random_init:
-      meta["random_init_test"] = retrieval.evaluate(test_evaluator, experiment.model_variables(state))
-      log("random-init test: %s", _summary(meta["random_init_test"]))
+    meta["start"] = evaluators_lib.run(evaluators, schedule.start, experiment.model_variables(state), 0, writer)
   log("parameters: %s model, %s objective", f"{_count(state.params['model']):,}", _count(state.params["objective"]))
 
   # --- Train loop ------------------------------------------------------------------------------------------------
@@ -161,10 +163,10 @@ def _train_and_evaluate(config, workdir, mesh):
       step += 1
       window_steps += 1
       log_now = step % config.log_every_steps == 0 or step == total_steps
-      val_now = val_evaluator is not None and (step % eval_every == 0 or step == total_steps)
+      due = schedule.due(step)
       preempted = preemption_watch.reached(step)
       save_now = preempted or step % config.checkpoint_every_steps == 0 or step == total_steps
-      if not (log_now or val_now or save_now):
+      if not (log_now or due or save_now):
         continue  # nothing needs this step on the host: dispatch the next one while the device runs it
       step_metrics, bad = jax.device_get((step_metrics, first_bad))  # waits for the step: time the window after it
       _check_finite(bad)
@@ -177,14 +179,12 @@ def _train_and_evaluate(config, workdir, mesh):
             step / steps_per_epoch, step_metrics["loss"], seconds_per_step, config.input.batch_size / seconds_per_step,
             progress.format_duration(seconds_per_step * (total_steps - step)))
         window_start, window_steps = time.time(), 0
-      if val_now:
-        val = retrieval.evaluate(val_evaluator, experiment.model_variables(state))
-        writer.scalars(step, val, prefix="val/")
-        log("val @%d: %s", step, _summary(val))
-        gallery.log_validation(writer, step, setup, experiment.model_variables(state))
-        if val["rsum"] > meta["best_val_rsum"]:
-          meta.update(best_val_rsum=val["rsum"], best_step=step, best_val=val)
-          best_checkpointer.save(step, state, meta={"step": step, "val": val})
+      if due:
+        evaluated = evaluators_lib.run(evaluators, due, experiment.model_variables(state), step, writer)
+        selection = schedule.selection(due, evaluated)
+        if selection is not None and selection[0] > meta["best_val_rsum"]:
+          meta.update(best_val_rsum=selection[0], best_step=step, best_val=selection[1])
+          best_checkpointer.save(step, state, meta={"step": step, "val": selection[1]})
         window_start, window_steps = time.time(), 0
       if save_now:
         checkpointer.save(step, state, loader_state=prefetcher.state, meta=meta)
@@ -203,37 +203,34 @@ def _train_and_evaluate(config, workdir, mesh):
     best_checkpointer.close()
     return {"preempted_at_step": step}
 
-  # --- Test ------------------------------------------------------------------------------------------------------
+  # --- End evaluators --------------------------------------------------------------------------------------------
   tested = "last"
   if config.test_on_best and best_checkpointer.latest_step() is not None:
     state, _, _ = best_checkpointer.restore(abstract_state)
     tested = f"best val (step {int(state.step)})"
-  test = retrieval.evaluate(test_evaluator, experiment.model_variables(state))
-  writer.scalars(step, test, prefix="test/")
-  writer.hparams(config.to_dict(), [f"test/{name}" for name in test])
-  results = {"test": test, "tested_checkpoint": tested, "random_init_test": meta["random_init_test"],
-             "best_val": meta.get("best_val"), "best_step": meta["best_step"], "total_steps": total_steps,
+  end = evaluators_lib.run(evaluators, schedule.end, experiment.model_variables(state), step, writer)
+  writer.hparams(config.to_dict(), [f"{name}/{metric}" for name, metrics in end.items() for metric in metrics])
+  test_split = config.dataset.test_split
+  results = {**end, "tested_checkpoint": tested, **meta["start"], "best_val": meta["best_val"],
+             "best_step": meta["best_step"], "total_steps": total_steps,
              "train_seconds_this_run": round(train_seconds, 1), "dataset": config.dataset.name,
-             "test_images": test_evaluator.num_images, "model": config.model_name, "loss": config.loss_name,
-             "seed": config.seed, "config": config.to_dict(), "git_commit": provenance.git_commit(),
-             "versions": provenance.versions()}
-  rows = {f"{config.model_name} ({tested})": test}
-  if meta["random_init_test"] is not None:
-    rows = {f"{config.model_name} (random init)": meta["random_init_test"], **rows}
-  table = metrics_lib.format_table(rows, title=f"{config.dataset.name} {config.dataset.test_split}")
+             "test_images": setup.splits[test_split].index.num_images if test_split in setup.splits else None,
+             "model": config.model_name, "loss": config.loss_name, "seed": config.seed, "config": config.to_dict(),
+             "git_commit": provenance.git_commit(), "versions": provenance.versions()}
+  rows = {f"{name}: {config.model_name} (random init)": metrics for name, metrics in meta["start"].items()}
+  rows.update({f"{name}: {config.model_name} ({tested})": metrics for name, metrics in end.items()})
+  table = evaluators_lib.papers_table(rows, title=config.dataset.name)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
-    print(table, flush=True)
-  writer.text(step, "test/table", table)
+    if table:
+      print(table, flush=True)
+  if table:
+    writer.text(step, "results/table", table)
   writer.close()
   checkpointer.close()
   best_checkpointer.close()
   return results
-
-
-def _summary(metrics):
-  return ", ".join(f"{k} {metrics[k]:.2f}" for k in ("i2t_R1", "i2t_R10", "t2i_R1", "t2i_R10", "mR"))
 
 
 def _count(tree):

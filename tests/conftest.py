@@ -38,8 +38,8 @@ def pytest_unconfigure(config):
 def hvsa_run(tmp_path_factory):
   """(config, workdir, results) of one finished runlocal HVSA run (4 steps, val at step 4), trained once per worker
   and shared by the tests that only read a trained workdir."""
-  from helpers import runlocal_config  # pylint: disable=g-import-not-at-top  (after the device flags above)
+  from helpers import disabled, runlocal_config  # pylint: disable=g-import-not-at-top  (after the device flags above)
   from rsalign_jax import train  # pylint: disable=g-import-not-at-top
-  config = runlocal_config(tmp_path_factory, eval_random_init=False)
+  config = runlocal_config(tmp_path_factory, **disabled("random_init"))
   workdir = tmp_path_factory.mktemp("hvsa")
   return config, workdir, train.train_and_evaluate(config, str(workdir))

@@ -32,6 +32,11 @@ def runlocal_config(tmp_path_factory, name="hvsa", arg="runlocal", **overrides):
   return config
 
 
+def disabled(*evals):
+  """`runlocal_config` overrides turning off the `config.evals` entries named `evals`."""
+  return {f"evals.{name}.enabled": False for name in evals}
+
+
 def write_wordpiece_vocab(path):
   """A 10-entry BERT vocab.txt ([PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, ...) at `path`; returns the path."""
   path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "plane", "##s", "the", "air", "##port"])

@@ -294,6 +294,10 @@ def test_runlocal_trains_on_8_devices_and_writes_results(tmp_path, data_dir):
   results = train.train_and_evaluate(config, str(tmp_path))
   written = json.loads((tmp_path / "results.json").read_text())
   assert written["test"] == results["test"] and written["total_steps"] == 4 and written["model"] == "ccls2t"
-  assert written["random_init_test"] is not None and np.isfinite(written["test"]["mR"])
+  assert written["random_init"] is not None and np.isfinite(written["test"]["mR"])
+  # The hash evaluator (config.evals.hash): 16 test images query the 64 train images by Hamming distance.
+  assert written["hash"] == results["hash"] and set(written["hash"]) == {"mAP10", "P10", "mAP50", "P50"}
+  assert all(0.0 <= value <= 100.0 for value in written["hash"].values())
   metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {k: metrics[-1][f"hash/{k}"] for k in written["hash"]} == written["hash"]
   assert any("train/spacetime" in m for m in metrics)

@@ -35,7 +35,7 @@ TOTAL_STEPS = 8
 CROSS_TOPOLOGY_ATOL = 5e-6
 FLAGS = ("--config=configs/hvsa.py:runlocal", f"--config.total_steps={TOTAL_STEPS}",
          "--config.checkpoint_every_steps=1", f"--config.keep_checkpoints={TOTAL_STEPS}",
-         "--config.eval_random_init=False", "--config.optimizer.eps=1.0")
+         "--config.evals.random_init.enabled=False", "--config.optimizer.eps=1.0")
 
 
 @pytest.fixture(scope="module")

@@ -194,4 +194,4 @@ def test_trainer_smoke_siglip_vit(tmp_path_factory):
   results = train.train_and_evaluate(config, str(workdir))
   written = json.loads((workdir / "results.json").read_text())
   assert written["test"] == results["test"] and written["total_steps"] == 4
-  assert 0.0 <= written["test"]["mR"] <= 100.0 and written["random_init_test"] is not None
+  assert 0.0 <= written["test"]["mR"] <= 100.0 and written["random_init"] is not None

@@ -18,17 +18,18 @@ import pytest
 from absl import flags
 from tensorboardX.proto import event_pb2
 
-from helpers import CONFIGS, runlocal_config
+from helpers import CONFIGS, disabled, runlocal_config
 from rsalign_jax import main as main_lib
 from rsalign_jax import experiment, train
 from rsalign_jax.evaluation import metrics as metrics_lib
+from rsalign_jax.evaluation.evaluators import hash_retrieval
 from rsalign_jax.similarity import cosine_similarity
 from rsalign_jax.models import base as model_base
 from rsalign_jax.modes import evaluate, export, search
 from rsalign_jax.modes import seeds as seeds_lib
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import checkpointing
-from rsalign_jax.serving import embedding
+from rsalign_jax.serving import embedding, hash_index
 
 
 @pytest.fixture
@@ -134,7 +135,7 @@ def test_training_writes_the_validation_gallery_to_tensorboard(run):
   _, workdir, _ = run
   [events] = workdir.glob("events.out.tfevents.*")
   pictures = [value.image for event in read_events(events) for value in event.summary.value
-              if value.tag == "val/gallery"]
+              if value.tag == "val_gallery/picture"]
   assert len(pictures) == 1  # one validation in 4 steps
   picture = np.asarray(PIL.Image.open(io.BytesIO(pictures[0].encoded_image_string)))
   assert picture.shape == (pictures[0].height, pictures[0].width, 3) and picture.shape[0] > 100
@@ -171,7 +172,7 @@ def test_command_line_eval(run, capsys, monkeypatch, with_config):
   argv = ["main", f"--workdir={workdir}", "--mode=eval"]  # without --config: the run's config.json
   if with_config:
     argv += [f"--config={CONFIGS / 'hvsa.py'}:runlocal", f"--config.dataset.data_dir={config.dataset.data_dir}",
-             "--config.eval_random_init=false"]
+             "--config.evals.random_init.enabled=false"]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
@@ -228,7 +229,7 @@ class BagOfWords(model_base.RetrievalModel):
 def oracle(tmp_path_factory, monkeypatch):
   """(config, workdir) of the bag-of-words model with its (only) state saved as a checkpoint."""
   monkeypatch.setitem(sys.modules, "rsalign_jax.models.bag_of_words_oracle", types.SimpleNamespace(Model=BagOfWords))
-  config = runlocal_config(tmp_path_factory, eval_random_init=False)
+  config = runlocal_config(tmp_path_factory, **disabled("random_init"))
   config.model_name, config.model = "bag_of_words_oracle", {}
   workdir = tmp_path_factory.mktemp("oracle")
   mesh = trained_lib.make_mesh(config)
@@ -266,9 +267,9 @@ def test_a_trained_model_finds_the_images_of_synthetic_test_captions_far_above_c
   # A trained model, not the oracle: the runlocal dual encoder trained 200 steps on synthetic_rs/small at 32 px
   # (about a minute of CPU), searched with 400 test captions over the 500 test images. Chance: 0.2% of the queries
   # find their image first, 1% within the top 5; the test asks for 5x that.
-  config = runlocal_config(tmp_path_factory, "clip", "runlocal", eval_random_init=False, total_steps=200,
-                           checkpoint_every_steps=200, eval_every_epochs=100.0, **{"dataset.name": "synthetic_rs/small",
-                                                                                    "input.batch_size": 32})
+  config = runlocal_config(tmp_path_factory, "clip", "runlocal", total_steps=200, checkpoint_every_steps=200,
+                           **disabled("random_init", "val", "val_gallery"),
+                           **{"dataset.name": "synthetic_rs/small", "input.batch_size": 32})
   workdir = tmp_path_factory.mktemp("trained_search")
   trained = train.train_and_evaluate(config, str(workdir))
   assert json.loads((workdir / "results.json").read_text())["test"] == trained["test"]
@@ -297,3 +298,30 @@ def test_hash_codes_are_exported_and_searched_by_hamming_distance(oracle, tmp_pa
     got = [r["score"] for r in result["results"]]
     assert got == sorted(got) and got == sorted(distances.tolist())  # exact Hamming ranking of the whole gallery
   assert np.mean([r["results"][0]["ground_truth"] for r in results]) >= 0.5  # chance: 1/16
+
+
+def test_the_hash_retrieval_evaluator_ranks_the_gallery_by_exact_hamming_distance(oracle):
+  config, workdir = oracle
+  loaded = trained_lib.load(config, str(workdir))
+  setup = loaded.setup
+  with jax.set_mesh(setup.mesh):
+    with pytest.raises(ValueError, match=r"^evals.hash.ks=\(10, 100\): expected 1 <= K <= the 64 train images$"):
+      hash_retrieval.Evaluator(setup, "hash", split="test", gallery_split="train", ks=(10, 100))
+    metrics = hash_retrieval.Evaluator(setup, "hash", split="test", gallery_split="train", ks=(1, 10)).run(
+        loaded.variables, 0, None)
+    bits = {split: embedding.embed_all(setup, loaded.variables, "image_codes", embedding.image_batches(
+        setup, setup.split(split))) >= 0 for split in ("test", "train")}
+  ranked = np.argsort((bits["test"][:, None, :] != bits["train"][None]).sum(-1), axis=1, kind="stable")[:, :10]
+  sources = {split: setup.split(split).source for split in ("test", "train")}
+  scenes = {split: [int(source[i]["scene"]) for i in range(len(source))] for split, source in sources.items()}
+  expected = hash_index.retrieval_scores(ranked, scenes["test"], scenes["train"], (1, 10))
+  assert metrics == {"mAP1": expected["mAP@1"], "P1": expected["P@1"], "mAP10": expected["mAP@10"],
+                     "P10": expected["P@10"]}
+  assert metrics["P1"] > 100 / 21  # same-scene neighbours beyond chance: 21 scene classes
+
+
+def test_hash_retrieval_needs_a_hashing_model(run):
+  config, workdir, _ = run
+  loaded = trained_lib.load(config, str(workdir))
+  with pytest.raises(ValueError, match=r"^evals.hash.type='hash_retrieval': model 'hvsa' has no hash codes"):
+    hash_retrieval.Evaluator(loaded.setup, "hash", split="test", gallery_split="train")

@@ -9,7 +9,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import config_module, load_config, runlocal_config
+from helpers import config_module, disabled, load_config, runlocal_config
 from rsalign_jax import configlib, optimizers, train
 from rsalign_jax.data import preprocessing
 from rsalign_jax.models import amfmn, dual_encoder, efficientnet_lite, hvsa
@@ -134,7 +134,7 @@ def test_paper_configs_swap_in_the_pretrained_towers(name):
 @needs_weights
 def test_trainer_starts_from_the_packaged_weights_and_never_moves_frozen_towers(tmp_path_factory):
   config = runlocal_config(tmp_path_factory, "clip", "runlocal,image_tower=lite0,text_tower=bert,init=minilm,"
-                           "frozen=image+text", eval_random_init=False, total_steps=2)
+                           "frozen=image+text", total_steps=2, **disabled("random_init"))
   workdir = tmp_path_factory.mktemp("floor")
   results = train.train_and_evaluate(config, str(workdir))
   assert results["total_steps"] == 2 and np.isfinite(results["test"]["mR"])

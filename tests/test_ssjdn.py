@@ -291,4 +291,4 @@ def test_runlocal_trains_on_8_devices_and_writes_results(tmp_path_factory):
   results = train.train_and_evaluate(config, str(workdir))
   written = json.loads((workdir / "results.json").read_text())
   assert written["test"] == results["test"] and written["model"] == "ssjdn" and written["total_steps"] == 4
-  assert written["random_init_test"] is not None and 0.0 <= written["test"]["mR"] <= 100.0
+  assert written["random_init"] is not None and 0.0 <= written["test"]["mR"] <= 100.0

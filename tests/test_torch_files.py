@@ -176,7 +176,7 @@ def test_real_data_config_with_lite0_trains_in_a_process_without_torch(tmp_path)
   workdir = tmp_path / "workdir"
   row = f"mlp_heads,views=1,manual_dir={tmp_path / 'rsicd'},data_dir={tmp_path / 'tfds'}"
   flags = [f"--config=configs/rsicd_aid150.py:{row}", f"--workdir={workdir}", "--config.input.batch_size=2",
-           "--config.total_steps=2", "--config.log_every_steps=1", "--config.eval_random_init=False"]
+           "--config.total_steps=2", "--config.log_every_steps=1", "--config.evals.random_init.enabled=False"]
   without_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'rsalign_jax.main'; "
                    "runpy.run_module('rsalign_jax.main', run_name='__main__', alter_sys=True)")
   python_path = [str(tmp_path / "weights"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]

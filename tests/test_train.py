@@ -11,10 +11,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import (SHARED_DATA, load_config, runlocal_config, tensorboard_hparams, tensorboard_scalars,
+from helpers import (SHARED_DATA, disabled, load_config, runlocal_config, tensorboard_hparams, tensorboard_scalars,
                      write_wordpiece_vocab)
 from rsalign_jax import experiment, optimizers, train
 from rsalign_jax.data import sources, tokenizers
+from rsalign_jax.evaluation import evaluators as evaluators_lib
+from rsalign_jax.modes import evaluate
 
 RSICD_AID150 = SHARED_DATA / "rsicd_aid150"
 
@@ -43,7 +45,7 @@ def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   assert written["test"] == results["test"]
   for key in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR", "rsum"):
     assert 0.0 <= written["test"][key] <= (600.0 if key == "rsum" else 100.0)
-  assert written["random_init_test"] is not None and written["total_steps"] == 4
+  assert written["random_init"].keys() == written["test"].keys() and written["total_steps"] == 4
   # What produced the run: its resolved config, seed, source commit and package versions.
   assert written["config"] == json.loads(json.dumps(config.to_dict())) and written["seed"] == config.seed
   in_checkout = (pathlib.Path(__file__).resolve().parents[1] / ".git").exists()
@@ -60,12 +62,17 @@ def test_trains_on_8_devices_and_writes_results(tmp_path_factory, monkeypatch):
   assert hparam_metrics == [f"test/{name}" for name in written["test"]]
 
 
-def test_stop_and_resume_follows_the_uninterrupted_run(tmp_path_factory):
+def test_stop_and_resume_follows_the_uninterrupted_run(tmp_path_factory, monkeypatch):
   straight = tmp_path_factory.mktemp("straight")
-  train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=4), str(straight))
+  straight_results = train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=4), str(straight))
   interrupted = tmp_path_factory.mktemp("interrupted")
   train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=2), str(interrupted))
-  train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=4), str(interrupted))
+  ran, run = [], evaluators_lib.run
+  monkeypatch.setattr(evaluators_lib, "run", lambda evaluators, entries, *args: ran.extend(
+      entry.name for entry in entries) or run(evaluators, entries, *args))
+  resumed = train.train_and_evaluate(runlocal_config(tmp_path_factory, total_steps=4), str(interrupted))
+  assert ran == ["val", "val_gallery", "test"]  # the random-init evaluation is not rerun on resume, but kept
+  assert resumed["random_init"] == straight_results["random_init"] and resumed["best_step"] == 4
   for a, b in zip(jax.tree.leaves(saved_params(straight, 4)), jax.tree.leaves(saved_params(interrupted, 4))):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   first_two = jax.tree.leaves(saved_params(interrupted, 2))
@@ -78,6 +85,25 @@ def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path_factory):
   with pytest.raises(FloatingPointError, match="non-finite"):
     train.train_and_evaluate(config, str(workdir))
   assert not list((workdir / "checkpoints").iterdir())  # the NaN state of step 1 was never saved
+
+
+def test_an_extra_end_entry_is_reported_and_without_select_best_the_last_state_is_tested(tmp_path_factory):
+  overrides = {**disabled("random_init", "val_gallery"), "evals.val.select_best": False}
+  config = runlocal_config(tmp_path_factory, **overrides)
+  config.evals.train_fit = dict(type="retrieval", split=config.dataset.train_split, at="end")
+  workdir = tmp_path_factory.mktemp("train_fit")
+  results = train.train_and_evaluate(config, str(workdir))
+  written = json.loads((workdir / "results.json").read_text())
+  assert set(written) == {"test", "train_fit", *train.RESULTS_KEYS} and written["train_fit"] == results["train_fit"]
+  assert written["tested_checkpoint"] == "last" and written["best_step"] is None and written["best_val"] is None
+  assert not list((workdir / "best").glob("[0-9]*"))  # no entry selects: no best checkpoint
+  last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["step"] == 4 and "val/mR" in last  # validation still runs, periodically
+  assert {k: last[f"train_fit/{k}"] for k in written["train_fit"]} == written["train_fit"]
+  assert {k: last[f"test/{k}"] for k in written["test"]} == written["test"]
+  _, hparam_metrics = tensorboard_hparams(workdir)
+  assert hparam_metrics == [f"{name}/{k}" for name in ("test", "train_fit") for k in written[name]]
+  assert evaluate.evaluate(config, str(workdir), split=config.dataset.train_split)["metrics"] == written["train_fit"]
 
 
 def counted_device_gets(monkeypatch):
@@ -95,8 +121,9 @@ def counted_device_gets(monkeypatch):
 
 
 def quiet_config(tmp_path_factory, **overrides):
-  """runlocal without validation and random-init evaluation: only the train loop's own host transfers remain."""
-  return runlocal_config(tmp_path_factory, **{"dataset.val_split": "", "eval_random_init": False, **overrides})
+  """runlocal without validation, its gallery and random-init evaluation: only the train loop's own host transfers
+  remain."""
+  return runlocal_config(tmp_path_factory, **{**disabled("val", "val_gallery", "random_init"), **overrides})
 
 
 def test_train_loop_fetches_metrics_only_at_log_and_checkpoint_steps(tmp_path_factory, monkeypatch):
@@ -133,7 +160,7 @@ def test_non_finite_step_between_checks_is_caught_before_the_next_checkpoint(tmp
 
 @pytest.mark.skipif(not RSICD_AID150.is_dir(), reason="real data ../shared/data/rsicd_aid150 is absent")
 def test_hvsa_trains_on_real_rsicd(tmp_path_factory):
-  config = runlocal_config(tmp_path_factory, arg=f"rsicd,runlocal,manual_dir={RSICD_AID150}", eval_random_init=False)
+  config = runlocal_config(tmp_path_factory, arg=f"rsicd,runlocal,manual_dir={RSICD_AID150}", **disabled("random_init"))
   results = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("rsicd")))
   assert results["dataset"] == "rsicd" and results["test_images"] == 1027
   assert np.isfinite(results["test"]["mR"])

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import runlocal_config
+from helpers import disabled, runlocal_config
 import rsalign_jax
 from rsalign_jax import experiment, train, trunk_cache
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
@@ -20,8 +20,8 @@ NO_AUGMENTATION = "decode|resize(32)|normalize"  # the eval preprocessing: the u
 
 
 def frozen_clip_config(tmp_path_factory, **overrides):
-  return runlocal_config(tmp_path_factory, "clip", "runlocal,frozen=image+text", eval_random_init=False,
-                         gallery_queries=0, **{"input.pp_train": NO_AUGMENTATION, **overrides})
+  return runlocal_config(tmp_path_factory, "clip", "runlocal,frozen=image+text",
+                         **{**disabled("random_init", "val_gallery"), "input.pp_train": NO_AUGMENTATION, **overrides})
 
 
 def train_losses(workdir):

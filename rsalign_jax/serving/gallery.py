@@ -1,9 +1,9 @@
 """Gallery pictures: for a few text queries, the query and its top-k images, ground truth outlined in green.
 
 `render` draws rows of (query text, ranked thumbnails with scores) with PIL. `split_picture` ranks a split's images
-for some of its own captions (so the ground truth is known) and renders them; `log_validation` writes that picture
-of the validation split to TensorBoard during training (`config.gallery_queries`, default 4, queries: the first
-captions of evenly spaced images).
+for some of its own captions (so the ground truth is known) and renders them; the `gallery` evaluator
+(`rsalign_jax.evaluation.evaluators.gallery`, default entry `config.evals.val_gallery`) writes that picture to
+TensorBoard during training.
 """
 import dataclasses
 import textwrap
@@ -90,13 +90,3 @@ def _row(data, caption_row, truth, scores, indices, k):
   return Row(data.index.captions[caption_row], [data.image(int(i)) for i in indices[:k]], scores[:k].tolist(),
              [int(i) == truth for i in indices[:k]], note)
 
-
-def log_validation(writer, step, setup, variables, *, k=5):
-  """Writes the gallery picture of the validation split to TensorBoard (tag `val/gallery`) at `step`, for
-  `config.gallery_queries` queries (default 4; 0 turns it off)."""
-  num_queries = setup.config.get("gallery_queries", 4)
-  if not num_queries:
-    return
-  data = setup.split(setup.config.dataset.val_split)
-  picture, _ = split_picture(setup, variables, data, num_queries=num_queries, k=k)
-  writer.image(step, "val/gallery", np.asarray(picture))
