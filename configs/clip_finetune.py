@@ -51,24 +51,11 @@ def get_config(arg=None):
   config.total_epochs = 10
   if arg.runlocal:
     configlib.shrink_for_runlocal(config)
-  checkpoint_model(config, arg)  # after runlocal: the checkpoint fixes the architecture and image size
+  # After runlocal: the checkpoint fixes the architecture and image size.
+  configlib.clip_checkpoint(config, arg.checkpoint, arg.format, activation=arg.activation or None)
+  config.text.vocab_file = arg.vocab_file or bpe_file(arg)
   configlib.freeze(config, "image" if arg.lit else "", FROZEN_PARAMS)
   return config
-
-
-def checkpoint_model(config, arg):
-  """The whole dual encoder, its input pipeline and tokenizer from the checkpoint, whose weights `config.init` loads."""
-  found = clip.model_config(arg.checkpoint, arg.format, activation=arg.activation or None)
-  config.model = found["model"]
-  size = found["image_size"]
-  normalize = f"normalize({clip.PIXEL_MEAN}, {clip.PIXEL_STD})"
-  config.input.pp_train = configlib.hvsa_augmentation(size).replace("normalize", normalize)
-  config.input.pp_eval = f"decode|resize({size})|{normalize}"
-  config.text.tokenizer = "clip_bpe"
-  config.text.vocab_file = arg.vocab_file or bpe_file(arg)
-  config.text.max_len = config.model.text.max_len
-  config.init.clip = dict(format=f"clip.load_{'hf_clip' if arg.format == 'hf' else 'open_clip'}",
-                          checkpoint=arg.checkpoint, into="params")
 
 
 def bpe_file(arg):

@@ -192,6 +192,23 @@ def minilm_text(config, into, checkpoint=""):
   return attributes, dict(format="bert.load", checkpoint=checkpoint, into=into)
 
 
+def clip_checkpoint(config, checkpoint, fmt, activation=None):
+  """The whole dual encoder from a CLIP checkpoint of `fmt` ('open_clip' or 'hf', `rsalign_jax.weights.clip`): its
+  architecture, image size, CLIP's pixel normalisation, BPE tokenizer and context length; `config.init.clip` loads
+  its weights."""
+  from rsalign_jax.weights import clip  # pylint: disable=g-import-not-at-top  (reads the checkpoint)
+  found = clip.model_config(checkpoint, fmt, activation=activation)
+  config.model = found["model"]
+  size = found["image_size"]
+  normalize = f"normalize({clip.PIXEL_MEAN}, {clip.PIXEL_STD})"
+  config.input.pp_train = hvsa_augmentation(size).replace("normalize", normalize)
+  config.input.pp_eval = f"decode|resize({size})|{normalize}"
+  config.text.tokenizer = "clip_bpe"
+  config.text.max_len = config.model.text.max_len
+  config.init.clip = dict(format=f"clip.load_{'hf_clip' if fmt == 'hf' else 'open_clip'}", checkpoint=checkpoint,
+                          into="params")
+
+
 def freeze(config, frozen, params):
   """Arg `frozen` ('+'-joined tower names, keys of `params`) -> `model.frozen` (the towers run in inference mode
   under stop_gradient) and `optimizer.frozen` (the regexes `params` gives for them: never updated, never decayed)."""

@@ -115,7 +115,34 @@ class WordVocab:
     return cls(data["word2idx"], stopwords or data.get("stopwords", "unk"))
 
 
-class WordPieceTokenizer:
+class _TransformersTokenizer:
+  """A transformers tokenizer (`self._tokenizer`) whose ids start and end with special tokens: encoded, truncated
+  with the end token kept last, 0-padded."""
+
+  @property
+  def size(self):
+    return len(self._tokenizer)
+
+  @property
+  def unk_id(self):
+    return self._tokenizer.unk_token_id
+
+  def encode_batch(self, captions, max_len):
+    """(tokens (N, max_len) int32 0-padded, lengths (N,) int32 incl. the special tokens, truncated count)."""
+    full = self._tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+    tokens = np.zeros((len(full), max_len), np.int32)
+    lengths = np.zeros((len(full),), np.int32)
+    truncated = 0
+    for row, ids in enumerate(full):
+      if len(ids) > max_len:
+        truncated += 1
+        ids = ids[:max_len - 1] + ids[-1:]  # keep the end token ([SEP], <|endoftext|>) last
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    return tokens, lengths, truncated
+
+
+class WordPieceTokenizer(_TransformersTokenizer):
   """BERT WordPiece ids ([CLS] words [SEP], 0-padded) from a local `vocab.txt`, for BERT/MiniLM text towers.
 
   Uses transformers' `BertTokenizer(vocab=...)` (lowercasing, as the uncased BERT/MiniLM vocabularies expect).
@@ -147,28 +174,6 @@ class WordPieceTokenizer:
       f.writelines(f"{word}\n" for word in self._words)
     os.replace(f"{path}.tmp", path)
 
-  @property
-  def size(self):
-    return len(self._tokenizer)
-
-  @property
-  def unk_id(self):
-    """The id of [UNK]."""
-    return self._tokenizer.unk_token_id
-
-  def encode_batch(self, captions, max_len):
-    """(tokens (N, max_len) int32 0-padded, lengths (N,) int32 incl. [CLS]/[SEP], truncated count)."""
-    full = self._tokenizer(list(captions), add_special_tokens=True)["input_ids"]
-    tokens = np.zeros((len(full), max_len), np.int32)
-    lengths = np.zeros((len(full),), np.int32)
-    truncated = 0
-    for row, ids in enumerate(full):
-      if len(ids) > max_len:
-        truncated += 1
-        ids = ids[:max_len - 1] + ids[-1:]  # keep [SEP] last
-      tokens[row, :len(ids)] = ids
-      lengths[row] = len(ids)
-    return tokens, lengths, truncated
 
 
 CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
@@ -176,7 +181,7 @@ CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
 CLIP_MERGES = 48894
 
 
-class ClipBpeTokenizer:
+class ClipBpeTokenizer(_TransformersTokenizer):
   """CLIP's byte-level BPE ids (<|startoftext|> caption <|endoftext|>, 0-padded) from local files, for CLIP towers.
 
   `bpe_file` is one of: an HF `vocab.json` with its `merges.txt` beside it; open_clip's merges-only
@@ -209,29 +214,6 @@ class ClipBpeTokenizer:
     with open(f"{path}.tmp", "w") as f:
       json.dump(self.vocabulary(), f)
     os.replace(f"{path}.tmp", path)
-
-  @property
-  def size(self):
-    return len(self._tokenizer)
-
-  @property
-  def unk_id(self):
-    """The id of CLIP's unknown token (<|endoftext|>; byte-level BPE never needs it)."""
-    return self._tokenizer.unk_token_id
-
-  def encode_batch(self, captions, max_len):
-    """(tokens (N, max_len) int32 0-padded, lengths (N,) int32 incl. start/end tokens, truncated count)."""
-    full = self._tokenizer(list(captions), add_special_tokens=True)["input_ids"]
-    tokens = np.zeros((len(full), max_len), np.int32)
-    lengths = np.zeros((len(full),), np.int32)
-    truncated = 0
-    for row, ids in enumerate(full):
-      if len(ids) > max_len:
-        truncated += 1
-        ids = ids[:max_len - 1] + ids[-1:]  # keep <|endoftext|> last
-      tokens[row, :len(ids)] = ids
-      lengths[row] = len(ids)
-    return tokens, lengths, truncated
 
 
 def _read_clip_bpe(path):
