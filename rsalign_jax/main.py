@@ -4,9 +4,10 @@ Intentionally thin (as in the flax examples): flags, then an importable, tested 
   train   `train.train_and_evaluate` (the default);
   eval    the papers' retrieval table of the checkpoint the trainer tests (`modes.evaluate`);
   export  a split's image and caption embeddings with their ids (`modes.export`);
-  search  free text -> top-k images, image file -> top-k captions or images (`modes.search`).
+  search  free text -> top-k images, image file -> top-k captions or images (`modes.search`);
+  zeroshot  scene classification from class-name prompts, top-1/top-5 accuracy (`modes.zeroshot`).
 With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std (`modes.seeds`).
-Training saves the resolved config as WORKDIR/config.json; eval, export and search without --config use it.
+Training saves the resolved config as WORKDIR/config.json; eval, export, search and zeroshot without --config use it.
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
 import difflib
@@ -19,18 +20,21 @@ from absl import flags
 from ml_collections import config_flags
 
 from rsalign_jax import configlib, train
-from rsalign_jax.modes import evaluate, export, search, seeds as seeds_lib
+from rsalign_jax.modes import evaluate, export, search, seeds as seeds_lib, zeroshot
 from rsalign_jax.runtime import distributed
 from rsalign_jax.runtime import metric_writer
 from rsalign_jax.runtime import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally `file.py:arg`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "search"], "What to do (see the docstring).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "search", "zeroshot"],
+                          "What to do (see the docstring).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "", "eval/export/search: '' (the one the trainer tests: best val if config.test_on_best, else the "
-    "last), 'best', 'last', or a checkpoint directory or step directory, e.g. WORKDIR/checkpoints/400.")
-_SPLIT = flags.DEFINE_string("split", "", "eval/export/search gallery: dataset split (default: the test split).")
+    "checkpoint", "", "eval/export/search/zeroshot: '' (the one the trainer tests: best val if config.test_on_best, "
+    "else the last), 'best', 'last', or a checkpoint directory or step directory, e.g. WORKDIR/checkpoints/400; "
+    "zeroshot also 'init': the untrained model as config.init initialises it (imported weights, or random).")
+_SPLIT = flags.DEFINE_string("split", "", "eval/export/search gallery/zeroshot: dataset split (default: the test "
+                             "split).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "export: output directory (default WORKDIR/export_<split>).")
 _QUERY = flags.DEFINE_multi_string("query", [], "search: a free-text query (repeatable); ranks gallery images.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "search: an image file (repeatable); ranks --targets.")
@@ -43,6 +47,12 @@ _CODES = flags.DEFINE_enum("codes", "float", search.CODES,
                            "codes (models with image_codes/text_codes, e.g. CCLS2T).")
 _TARGETS = flags.DEFINE_enum("targets", "captions", search.TARGETS, "search: what image queries rank.")
 _PNG = flags.DEFINE_string("png", "", "search: write the gallery picture of the image results to this PNG.")
+_ZEROSHOT_TEMPLATES = flags.DEFINE_string(
+    "zeroshot_templates", "", "zeroshot: a file of prompt templates, one per line with '{}' for the class name "
+    "(default: 'a satellite photo of {}.' and a few more, modes.zeroshot.DEFAULT_TEMPLATES).")
+_ZEROSHOT_CLASSNAMES = flags.DEFINE_string(
+    "zeroshot_classnames", "", "zeroshot: a file of class names, one per line in the order of the dataset's scene "
+    "classes (default: those names, underscores as spaces).")
 _OUTPUT = flags.DEFINE_string("output", "", "search: write the results as JSON to this file.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", distributed.MODES,
@@ -66,7 +76,7 @@ def main(argv):
 
 
 def _config():
-  """--config with its overrides; without it, eval/export/search read the workdir's saved config."""
+  """--config with its overrides; without it, eval/export/search/zeroshot read the workdir's saved config."""
   if _CONFIG.value is not None:
     return _CONFIG.value
   if _MODE.value == "train":
@@ -86,6 +96,9 @@ def _run(config, workdir, mode):
     evaluate.evaluate(config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
   elif mode == "export":
     export.export(config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, output_dir=_OUTPUT_DIR.value)
+  elif mode == "zeroshot":
+    zeroshot.zeroshot(config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+                      templates_file=_ZEROSHOT_TEMPLATES.value, classnames_file=_ZEROSHOT_CLASSNAMES.value)
   else:
     search.run(config, workdir, queries=_QUERY.value, image_paths=_IMAGE.value, sample_queries=_SAMPLE_QUERIES.value,
                k=_K.value, checkpoint=_CHECKPOINT.value, gallery_dir=_GALLERY.value, split=_SPLIT.value,

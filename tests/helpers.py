@@ -2,6 +2,7 @@
 import importlib.util
 import pathlib
 import struct
+import sys
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -73,3 +74,18 @@ def tensorboard_hparams(logdir):
   start = plugin_data["_hparams_/session_start_info"].session_start_info
   hparams = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
   return hparams, [metric.name.tag for metric in plugin_data["_hparams_/experiment"].experiment.metric_infos]
+
+
+def run_main(monkeypatch, argv):
+  """`python -m rsalign_jax.main ARGV...` in this process: parses `argv` (config_flags reads its overrides from
+  sys.argv too) and runs `main`, leaving the flags unparsed afterwards."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from rsalign_jax import main as main_lib  # pylint: disable=g-import-not-at-top  (defines the command-line flags)
+  argv = ["main", *argv]
+  monkeypatch.setattr(sys, "argv", argv)
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(argv)
+    main_lib.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()

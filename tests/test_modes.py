@@ -15,11 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
-from absl import flags
 from tensorboardX.proto import event_pb2
 
-from helpers import CONFIGS, disabled, runlocal_config
-from rsalign_jax import main as main_lib
+from helpers import CONFIGS, disabled, run_main, runlocal_config
 from rsalign_jax import experiment, train
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.evaluation.evaluators import hash_retrieval
@@ -169,17 +167,11 @@ def test_seeds_report_mean_and_std(run, tmp_path, capsys):
 @pytest.mark.parametrize("with_config", [True, False])
 def test_command_line_eval(run, capsys, monkeypatch, with_config):
   config, workdir, results = run
-  argv = ["main", f"--workdir={workdir}", "--mode=eval"]  # without --config: the run's config.json
+  argv = [f"--workdir={workdir}", "--mode=eval"]  # without --config: the run's config.json
   if with_config:
     argv += [f"--config={CONFIGS / 'hvsa.py'}:runlocal", f"--config.dataset.data_dir={config.dataset.data_dir}",
              "--config.evals.random_init.enabled=false"]
-  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    main_lib.main(argv[:1])
-  finally:
-    flags.FLAGS.unparse_flags()
+  run_main(monkeypatch, argv)
   assert f"| {results['test']['mR']:.2f} | {results['test']['rsum']:.2f} |" in capsys.readouterr().out
   assert json.loads((workdir / "eval_test.json").read_text())["metrics"] == results["test"]
 

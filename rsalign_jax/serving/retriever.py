@@ -1,11 +1,11 @@
 """The Python API of a trained model: `rsalign_jax.load(workdir)` -> a `Retriever`.
 
-A `Retriever` embeds image files or arrays and free text, scores them and searches a gallery exactly. It needs only
-the workdir (its config.json, tokenizer, inputs.json and checkpoint: `experiment.build_setup(training=False)`), and
-runs on whatever devices exist with the trainer's mesh, the same jitted towers, `score` and sharded exact top-k as
-`--mode=search`, so its scores are that mode's. Embeddings are what the model's `score` takes: for a model that
-scores by cosine (`SCORE = 'cosine'`), L2-normalise them before putting them in an inner-product index (as
-`--mode=export` does).
+A `Retriever` embeds image files or arrays and free text, scores them, searches a gallery exactly and classifies
+images zero-shot from class names (`classify`, as `--mode=zeroshot` does). It needs only the workdir (its
+config.json, tokenizer, inputs.json and checkpoint: `experiment.build_setup(training=False)`), and runs on whatever
+devices exist with the trainer's mesh, the same jitted towers, `score` and sharded exact top-k as `--mode=search`,
+so its scores are that mode's. Embeddings are what the model's `score` takes: for a model that scores by cosine
+(`SCORE = 'cosine'`), L2-normalise them before putting them in an inner-product index (as `--mode=export` does).
 """
 import dataclasses
 import os
@@ -17,6 +17,7 @@ from rsalign_jax import configlib
 from rsalign_jax.evaluation import topk
 from rsalign_jax.modes import export as export_lib
 from rsalign_jax.modes import trained as trained_lib
+from rsalign_jax.modes import zeroshot
 from rsalign_jax.serving import embedding
 
 
@@ -131,6 +132,19 @@ class Retriever:
                                      score_fn=topk.ModelScore(self.setup.model, text_queries=text_queries))
     return [[Match(int(row), float(score), gallery.items[row]) for score, row in zip(query_scores, query_rows)]
             for query_scores, query_rows in zip(scores, rows)]
+
+  def classify(self, images, classnames, templates=zeroshot.DEFAULT_TEMPLATES, k=5):
+    """Zero-shot classification (`--mode=zeroshot`'s prompts, ensembling and scores): the k best of `classnames` for
+    each image (paths or arrays, as `encode_images` takes), best first, as lists of `Match` whose row is the class
+    index and item the class name."""
+    classnames, templates = _text_list(classnames), zeroshot.check_templates(_text_list(templates), "templates")
+    images = self.encode_images(images)
+    with jax.set_mesh(self.setup.mesh):
+      texts = zeroshot.embed_prompts(self.setup, self._trained.variables, classnames, templates)
+      scores = zeroshot.class_scores(self.setup, self._trained.variables, images, texts, len(templates))
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[Match(int(row), float(image_scores[row]), classnames[row]) for row in rows]
+            for image_scores, rows in zip(scores, ranked)]
 
 
 def _image_list(images):
