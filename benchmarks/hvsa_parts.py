@@ -5,8 +5,8 @@
 
 The model, objective and optimizer are `configs/hvsa.py:rsitmd`'s (ResNet-18 width 64 + KEA + mean pool + Linear
 image tower at 256 px; uni-skip GRU 620 -> 2400 + ReLU(Linear) text tower; HVSA's difficulty-weighted triplet +
-image uniformity mixed by the learned weighting MLP; AdamW), built by `experiment.build_model` / `experiment.build_objective` /
-`optimizers.make_optimizer`; the PyTorch side is this file's mirror of the same modules, loss and AdamW, run with
+image uniformity mixed by the learned weighting MLP; AdamW), built by `experiment.build_model` /
+`experiment.build_objective` / `optimizers.make_optimizer`; the PyTorch side is this file's mirror of the same modules, loss and AdamW, run with
 2 threads. Inputs are random images and tokens, with caption lengths drawn from RSITMD's word-count histogram
 (`hvsa_speed.CAPTION_WORD_COUNTS`). Each part is timed alone, in ms per step, as the median of `--reps` calls after
 2 warm-up calls (the first one compiles); the project's and PyTorch's calls of a part alternate, so that both see

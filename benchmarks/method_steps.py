@@ -2,8 +2,8 @@
 
   python benchmarks/method_steps.py [--steps=5] [--configs=hvsa,clip] [--arg=rsicd,image_size=150,...]
 
-For each config's default (CPU-size, synthetic benchmark) setting, or the setting `--arg` names, jits `train.train_step` at the config's global
-batch and image size on a batch with every field the method takes (`timing.time_train_step`) and prints a markdown
+For each config's default (CPU-size, synthetic benchmark) setting, or the setting `--arg` names, jits
+`train.train_step` at the config's global batch and image size on a batch with every field the method takes (`timing.time_train_step`) and prints a markdown
 table of seconds per step, images/s and XLA's per-device temporary memory. A config that fails to build or compile
 gets its error in the table instead of stopping the others.
 """

@@ -2,7 +2,8 @@
 
 Captions are lowercased and split into words and punctuation; the papers' punctuation list is dropped. The
 vocabulary keeps words seen at least `min_count` times in the TRAIN captions (the papers counted train+test,
-leaking test words), ids from 1 by falling frequency, then `<unk>` as the last id; id 0 is padding. Stopword handling is selectable:
+leaking test words), ids from 1 by falling frequency, then `<unk>` as the last id; id 0 is padding. Stopword
+handling is selectable:
   * `unk`  (the papers): stopwords are left out of the vocabulary, so at encode time they become `<unk>`;
   * `keep`: stopwords are ordinary words;
   * `drop`: stopwords are removed from captions before encoding.
