@@ -89,3 +89,19 @@ def run_main(monkeypatch, argv):
     main_lib.main(argv[:1])
   finally:
     flags.FLAGS.unparse_flags()
+
+
+RECALLS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10")
+
+
+def assert_consistent_results(results):
+  """A finished run's results.json: recalls in [0, 100] and rising with K in each direction, mR their mean, rsum
+  their sum; and, when the run evaluated its random init, a test table that differs from it (training moved the
+  model)."""
+  test = results["test"]
+  recalls = [test[name] for name in RECALLS]
+  assert all(0.0 <= r <= 100.0 for r in recalls), test
+  assert recalls[0] <= recalls[1] <= recalls[2] and recalls[3] <= recalls[4] <= recalls[5], test
+  assert abs(test["mR"] - sum(recalls) / 6) < 1e-6 and abs(test["rsum"] - sum(recalls)) < 1e-6, test
+  if results.get("random_init") is not None:
+    assert results["random_init"] != test

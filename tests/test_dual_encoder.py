@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, runlocal_config
+from helpers import assert_consistent_results, load_config, runlocal_config
 from rsalign_jax import experiment, train
 from rsalign_jax.losses import clip as clip_loss
 from rsalign_jax.models import dual_encoder, text_transformer, vit
@@ -194,4 +194,5 @@ def test_trainer_smoke_siglip_vit(tmp_path_factory):
   results = train.train_and_evaluate(config, str(workdir))
   written = json.loads((workdir / "results.json").read_text())
   assert written["test"] == results["test"] and written["total_steps"] == 4
-  assert 0.0 <= written["test"]["mR"] <= 100.0 and written["random_init"] is not None
+  assert written["random_init"] is not None
+  assert_consistent_results(written)

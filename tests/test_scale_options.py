@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import runlocal_config
+from helpers import assert_consistent_results, runlocal_config
 from rsalign_jax import experiment, optimizers, train
 from rsalign_jax.losses import hvsa as hvsa_objective
 from rsalign_jax.models import base as model_base
@@ -163,4 +163,5 @@ def test_trainer_runs_with_fsdp_bfloat16_and_grad_caching(tmp_path_factory):
   config = runlocal_config(tmp_path_factory, compute_dtype="bfloat16", grad_cache_chunk=8,
                            **{"sharding.fsdp": 2, "sharding.fsdp_min_size": 256})
   results = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("scaled")))
-  assert results["total_steps"] == 4 and 0.0 <= results["test"]["mR"] <= 100.0
+  assert results["total_steps"] == 4
+  assert_consistent_results(results)
