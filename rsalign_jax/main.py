@@ -17,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from rsalign_jax import configlib, train
@@ -71,8 +72,14 @@ def main(argv):
   metric_writer.quiet_library_info_logs()
   try:
     _run(_config(), _WORKDIR.value, _MODE.value)
-  except (workdir_lock.WorkdirBusyError, FileNotFoundError) as e:
+  except USER_ERRORS as e:
+    logging.debug("where the error was raised", exc_info=True)
     sys.exit(f"error: {e}")
+
+
+# What input mistakes raise, each with a message naming the flag, field or file and what was expected: reported in
+# that one line (`--verbosity=1` also logs the traceback).
+USER_ERRORS = (workdir_lock.WorkdirBusyError, FileNotFoundError, ValueError)
 
 
 def _config():

@@ -317,3 +317,17 @@ def test_hash_retrieval_needs_a_hashing_model(run):
   loaded = trained_lib.load(config, str(workdir))
   with pytest.raises(ValueError, match=r"^evals.hash.type='hash_retrieval': model 'hvsa' has no hash codes"):
     hash_retrieval.Evaluator(loaded.setup, "hash", split="test", gallery_split="train")
+
+
+def test_command_line_mistakes_end_in_one_line_without_a_traceback(run, monkeypatch, capsys):
+  _, workdir, _ = run
+  with pytest.raises(SystemExit) as exit_info:
+    run_main(monkeypatch, [f"--workdir={workdir}", "--mode=search"])
+  assert exit_info.value.code == "error: --mode=search needs --query, --image or --sample_queries"
+  with pytest.raises(SystemExit) as exit_info:
+    run_main(monkeypatch, [f"--workdir={workdir}", "--mode=search", "--query=a plane"])
+  assert exit_info.value.code.startswith("error: --query='a plane': none of its words is in the model's vocabulary")
+  with pytest.raises(SystemExit) as exit_info:
+    run_main(monkeypatch, [f"--workdir={workdir}", "--mode=search", "--image=/absent.png"])
+  assert exit_info.value.code == "error: --image=/absent.png: no such file"
+  assert "Traceback" not in capsys.readouterr().err
