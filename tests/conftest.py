@@ -34,6 +34,31 @@ def pytest_unconfigure(config):
     shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _absl_logger_level():
+  """Parsing the command-line flags (tests that run `main`) sets absl's logger to `--verbosity`'s level (WARNING);
+  every test starts from the session's, so the ones that read INFO lines through caplog see them."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  logger = absl_logging.get_absl_logger()
+  level = logger.level
+  yield
+  logger.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def trained_dual_encoder(tmp_path_factory):
+  """(config, workdir, results) of the runlocal dual encoder trained 200 steps (batch 32, lr 2e-3 without warm-up,
+  only the test evaluation) on synthetic_rs/small at 32 px: a model that has learned, for the tests that check it
+  retrieves and classifies far above chance."""
+  from helpers import disabled, runlocal_config  # pylint: disable=g-import-not-at-top  (after the device flags)
+  from rsalign_jax import train  # pylint: disable=g-import-not-at-top
+  config = runlocal_config(tmp_path_factory, "clip", "runlocal", total_steps=200, checkpoint_every_steps=200,
+                           **{"dataset.name": "synthetic_rs/small", "input.batch_size": 32, "optimizer.lr": 2e-3,
+                              "schedule.warmup_epochs": 0, **disabled("random_init", "val", "val_gallery")})
+  workdir = tmp_path_factory.mktemp("trained_dual_encoder")
+  return config, workdir, train.train_and_evaluate(config, str(workdir))
+
+
 @pytest.fixture(scope="session")
 def hvsa_run(tmp_path_factory):
   """(config, workdir, results) of one finished runlocal HVSA run (4 steps, val at step 4), trained once per worker

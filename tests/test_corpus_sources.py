@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import runlocal_config
+from helpers import disabled, runlocal_config
 from rsalign_jax.data import corpus, pipeline, sources
 from rsalign_jax.data.sources import CaptionIndex
 from rsalign_jax.data.tokenizers import WordVocab
@@ -321,7 +321,7 @@ def test_a_runlocal_training_run_on_a_webdataset_corpus(tmp_path_factory):
   from rsalign_jax import train  # pylint: disable=g-import-not-at-top  (after conftest's device flags)
   folder = tmp_path_factory.mktemp("corpus")
   spec = write_webdataset(folder / "shards", pairs=64)
-  config = runlocal_config(tmp_path_factory, **{"dataset.corpus": spec})
+  config = runlocal_config(tmp_path_factory, **{"dataset.corpus": spec}, **disabled("random_init", "val_gallery"))
   assert train.train_and_evaluate(config, str(folder / "workdir"))["total_steps"] == 4
   assert "4" in os.listdir(folder / "workdir" / "checkpoints")
   # 64 pairs of batch 16 (the synthetic train split has 64 x 5 captions), and a vocabulary of the corpus' words

@@ -18,7 +18,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from helpers import CONFIGS, disabled, run_main, runlocal_config
-from rsalign_jax import experiment, train
+from rsalign_jax import experiment
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.evaluation.evaluators import hash_retrieval
 from rsalign_jax.similarity import cosine_similarity
@@ -255,15 +255,11 @@ def test_search_finds_the_right_images_far_above_chance_and_draws_them(oracle, t
   assert len(np.unique(np.asarray(picture).reshape(-1, 3), axis=0)) > 50
 
 
-def test_a_trained_model_finds_the_images_of_synthetic_test_captions_far_above_chance(tmp_path_factory):
-  # A trained model, not the oracle: the runlocal dual encoder trained 200 steps on synthetic_rs/small at 32 px
-  # (about a minute of CPU), searched with 400 test captions over the 500 test images. Chance: 0.2% of the queries
-  # find their image first, 1% within the top 5; the test asks for 5x that.
-  config = runlocal_config(tmp_path_factory, "clip", "runlocal", total_steps=200, checkpoint_every_steps=200,
-                           **disabled("random_init", "val", "val_gallery"),
-                           **{"dataset.name": "synthetic_rs/small", "input.batch_size": 32})
-  workdir = tmp_path_factory.mktemp("trained_search")
-  trained = train.train_and_evaluate(config, str(workdir))
+def test_a_trained_model_finds_the_images_of_synthetic_test_captions_far_above_chance(trained_dual_encoder):
+  # A trained model, not the oracle: the session's runlocal dual encoder trained 200 steps on synthetic_rs/small at
+  # 32 px, searched with 400 test captions over the 500 test images. Chance: 0.2% of the queries find their image
+  # first, 1% within the top 5; the test asks for 5x that.
+  config, workdir, trained = trained_dual_encoder
   assert json.loads((workdir / "results.json").read_text())["test"] == trained["test"]
   results = search.run(config, str(workdir), sample_queries=400, k=5)
   assert len(results) == 400 and all(len(r["results"]) == 5 for r in results)
