@@ -157,3 +157,10 @@ def test_score_must_be_declared_as_one_of_the_known_kinds():
                  score=lambda self, a, b: a @ b.T, __call__=lambda self, images, tokens, lengths, *, train: {})
   with pytest.raises(TypeError, match=r"Dotted.SCORE='dot': expected one of \('cosine', 'model'\)"):
     type("Dotted", (model_base.RetrievalModel,), dict(members, SCORE="dot"))
+
+
+def test_a_misspelt_model_or_loss_name_is_one_error_naming_the_module():
+  with pytest.raises(ValueError, match=r"^model_name='hvssa': no module rsalign_jax/models/hvssa.py$"):
+    model_base.model_class("hvssa")
+  with pytest.raises(ValueError, match=r"^loss_name='clipp': no module rsalign_jax/losses/clipp.py$"):
+    objective_base.objective_class("clipp")

@@ -8,9 +8,9 @@ its parameters, trained with the model's. `batch_fields` declares the per-image 
 `from_config(loss_config, tokenizer)` builds it; an objective that needs token ids (AMFMN's `<unk>`) takes them from
 the tokenizer there.
 """
-import importlib
-
 import flax.linen as nn
+
+from rsalign_jax import registry
 
 
 class Objective(nn.Module):
@@ -29,8 +29,6 @@ class Objective(nn.Module):
 
 def objective_class(name: str) -> type[Objective]:
   """`rsalign_jax.losses.<name>.Objective`, checked to keep the contract."""
-  cls = getattr(importlib.import_module(f"rsalign_jax.losses.{name}"), "Objective", None)
-  if not (isinstance(cls, type) and issubclass(cls, Objective)):
-    raise TypeError(f"loss_name={name!r}: rsalign_jax/losses/{name}.py has no Objective subclassing "
-                    "rsalign_jax.losses.base.Objective")
-  return cls
+  return registry.find_class("rsalign_jax.losses", name, "Objective", field="loss_name",
+                             is_valid=lambda cls: issubclass(cls, Objective),
+                             expected="subclassing rsalign_jax.losses.base.Objective")

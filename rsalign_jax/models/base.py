@@ -26,10 +26,11 @@ Optional capabilities, declared rather than probed:
   HEAD_FIELDS  model config fields only the heads read (they do not change the cached trunk outputs)
   HASH_CODES   `image_codes(images)` / `text_codes(tokens, lengths, **text_fields)`: relaxed binary codes
 """
-import importlib
 from typing import ClassVar
 
 import flax.linen as nn
+
+from rsalign_jax import registry
 
 TOWER_NAMES = ("image", "text")
 SCORES = ("cosine", "model")
@@ -75,12 +76,9 @@ class RetrievalModel(nn.Module):
 
 def model_class(name: str) -> type[RetrievalModel]:
   """`rsalign_jax.models.<name>.Model`, checked to keep the contract."""
-  module = importlib.import_module(f"rsalign_jax.models.{name}")
-  cls = getattr(module, "Model", None)
-  if not (isinstance(cls, type) and issubclass(cls, RetrievalModel)):
-    raise TypeError(f"model_name={name!r}: rsalign_jax/models/{name}.py has no Model subclassing "
-                    "rsalign_jax.models.base.RetrievalModel")
-  return cls
+  return registry.find_class("rsalign_jax.models", name, "Model", field="model_name",
+                             is_valid=lambda cls: issubclass(cls, RetrievalModel),
+                             expected="subclassing rsalign_jax.models.base.RetrievalModel")
 
 
 def fields(model: RetrievalModel) -> tuple[str, ...]:

@@ -6,34 +6,19 @@
 
 `run` here writes the metrics under `<name>/`; the trainer also keeps those of start and end entries in results.json.
 """
-import importlib
 import inspect
-import pkgutil
 
+from rsalign_jax import registry
 from rsalign_jax.evaluation import metrics as metrics_lib
 
 TABLE_COLUMNS = ("i2t_R1", "t2i_R1", "mR", "rsum")
 
 
-def known_types():
-  return sorted(module.name for module in pkgutil.iter_modules(__path__))
-
-
 def evaluator_class(name, type_name):
   """`rsalign_jax.evaluation.evaluators.<type_name>.Evaluator`, for the entry `name`."""
-  module_name = f"{__name__}.{type_name}"
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name != module_name:
-      raise
-    raise ValueError(f"evals.{name}.type={type_name!r}: no module rsalign_jax/evaluation/evaluators/{type_name}.py; "
-                     f"known types: {known_types()}") from None
-  cls = getattr(module, "Evaluator", None)
-  if not (isinstance(cls, type) and callable(getattr(cls, "run", None))):
-    raise TypeError(f"evals.{name}.type={type_name!r}: rsalign_jax/evaluation/evaluators/{type_name}.py has no "
-                    "Evaluator class with a run(variables, step, writer) method")
-  return cls
+  return registry.find_class(__name__, type_name, "Evaluator", field=f"evals.{name}.type",
+                             is_valid=lambda cls: callable(getattr(cls, "run", None)),
+                             expected="class with a run(variables, step, writer) method", listed_as="types")
 
 
 def build(setup, entries):
