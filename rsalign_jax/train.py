@@ -156,9 +156,15 @@ def _train_and_evaluate(config, workdir, mesh):
   preempted = False
   first_bad = jax.device_put({"step": np.int32(0), **{k: np.float32(0) for k in _WATCHED}},
                              sharding_lib.replicated(mesh))
+  compiled_step = None
   try:
     while step < total_steps:
-      state, step_metrics = step_fn(state, next(prefetcher))
+      batch = next(prefetcher)
+      if compiled_step is None:  # compiled ahead of the first call, to report its per-device memory
+        state = jax.device_put(state, state_sharding)
+        compiled_step = step_fn.lower(state, batch).compile()
+        writer.scalars(step + 1, {"step_memory_mib": _step_memory_mib(compiled_step)}, prefix="perf/")
+      state, step_metrics = compiled_step(state, batch)
       first_bad = _first_non_finite(first_bad, state.step, step_metrics)
       step += 1
       window_steps += 1
@@ -231,6 +237,12 @@ def _train_and_evaluate(config, workdir, mesh):
   checkpointer.close()
   best_checkpointer.close()
   return results
+
+
+def _step_memory_mib(compiled):
+  """XLA's per-device buffers of a compiled step: arguments, outputs and temporaries at their peak (MiB)."""
+  stats = compiled.memory_analysis()
+  return stats.peak_memory_in_bytes / 2**20 if stats is not None else float("nan")
 
 
 def _count(tree):

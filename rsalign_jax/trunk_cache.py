@@ -29,6 +29,7 @@ from rsalign_jax.data import preprocessing, sources
 from rsalign_jax.models import base as model_base
 from rsalign_jax.runtime import metric_writer
 from rsalign_jax.runtime import progress as progress_lib
+from rsalign_jax.runtime import sharding
 
 log = metric_writer.log
 MAX_VIEWS = 8
@@ -212,14 +213,13 @@ class TrunkCache:
 
 
 def _in_batches(fn, arrays, rows, dtype, progress=None):
-  """`fn` over batches of exactly `rows` rows of `arrays` (the last one padded by repeating its last row, so one
-  compiled function serves all), outputs concatenated without the padding, as `dtype`; counted in `progress`."""
+  """`fn` over batches of exactly `rows` rows of `arrays` (the last one padded), outputs concatenated without the
+  padding, as `dtype`; counted in `progress`."""
   total = len(arrays[0])
   outputs = []
   for start in range(0, total, rows):
     batch = [a[start:start + rows] for a in arrays]
-    padded = [np.concatenate([b, np.repeat(b[-1:], rows - len(b), axis=0)]) for b in batch]
-    outputs.append(np.asarray(fn(*padded))[:len(batch[0])].astype(dtype))
+    outputs.append(np.asarray(fn(*(sharding.pad_rows(b, rows) for b in batch)))[:len(batch[0])].astype(dtype))
     if progress is not None:
       progress.update(len(batch[0]))
   return np.concatenate(outputs)

@@ -34,6 +34,18 @@ def pytest_unconfigure(config):
     shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
 
 
+TRAINED_WORKDIRS = ("hvsa_run", "trained_dual_encoder")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the groups
+def pytest_collection_modifyitems(items):
+  """Tests reading a session's trained workdirs run in one xdist group (`--dist loadgroup`): one worker trains each
+  workdir instead of every worker its own."""
+  for item in items:
+    if set(TRAINED_WORKDIRS) & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.xdist_group("trained_workdirs"))
+
+
 @pytest.fixture(autouse=True)
 def _absl_logger_level():
   """Parsing the command-line flags (tests that run `main`) sets absl's logger to `--verbosity`'s level (WARNING);
@@ -61,8 +73,8 @@ def trained_dual_encoder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hvsa_run(tmp_path_factory):
-  """(config, workdir, results) of one finished runlocal HVSA run (4 steps, val at step 4), trained once per worker
-  and shared by the tests that only read a trained workdir."""
+  """(config, workdir, results) of one finished runlocal HVSA run (4 steps, val at step 4), trained once and shared
+  by the tests that only read a trained workdir."""
   from helpers import disabled, runlocal_config  # pylint: disable=g-import-not-at-top  (after the device flags above)
   from rsalign_jax import train  # pylint: disable=g-import-not-at-top
   config = runlocal_config(tmp_path_factory, **disabled("random_init"))

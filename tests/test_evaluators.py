@@ -94,7 +94,7 @@ def test_two_selecting_entries_are_fine_once_one_is_disabled():
 def test_unknown_types_and_options_name_the_module_and_the_field():
   with pytest.raises(ValueError, match=r"^evals.fit.type='retrival': no module "
                      r"rsalign_jax/evaluation/evaluators/retrival.py; known types: \['gallery', 'hash_retrieval', "
-                     r"'retrieval'\]$"):
+                     r"'querybank', 'retrieval'\]$"):
     evaluators.evaluator_class("fit", "retrival")
   [entry] = schedule.parse({"pictures": dict(type="gallery", split="val", every_epochs=1.0, querys=3)}, 10)
   with pytest.raises(TypeError, match=r"^evals.pictures: got an unexpected keyword argument 'querys'; the 'gallery' "

@@ -370,3 +370,13 @@ def test_score_is_the_reference_cosine_and_chunks():
   np.testing.assert_allclose(scores, expected, atol=1e-6)
   chunked = np.block([[score(images[i:i + 4], texts[j:j + 3]) for j in range(0, 10, 3)] for i in range(0, 6, 4)])
   np.testing.assert_allclose(chunked, scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 10])
+def test_map_in_blocks_equals_one_call_over_all_rows(block):
+  rows = {"a": jnp.arange(21.0).reshape(7, 3), "b": jnp.arange(7.0)}
+  fn = lambda tree: {"sum": tree["a"].sum(-1) * tree["b"], "pair": tree["a"][:, :2] + tree["b"][:, None]}
+  got = layers.map_in_blocks(fn, rows, block)
+  want = fn(rows)
+  assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -81,12 +81,21 @@ class RetrievalEvaluator:
 
   def similarity(self, variables, score, image_embeddings, text_embeddings):
     """The (N images, N captions) similarity matrix, scored in image chunks against the distinct captions."""
+    return self.caption_columns(self.scores(variables, score, image_embeddings, text_embeddings))
+
+  def scores(self, variables, score, image_embeddings, text_embeddings, what=None):
+    """The (images, texts) scores of any two embedding sets (e.g. this split's images against a query bank's
+    captions), in image chunks."""
     blocks = []
-    with progress_lib.Progress(f"scoring {self._name} images", len(image_embeddings)) as progress:
+    with progress_lib.Progress(what or f"scoring {self._name} images", len(image_embeddings)) as progress:
       for i in range(0, len(image_embeddings), self._score_chunk):
         blocks.append(np.asarray(score(variables, image_embeddings[i:i + self._score_chunk], text_embeddings)))
         progress.update(len(blocks[-1]))
-    return np.concatenate(blocks)[:, self._caption_to_unique]
+    return np.concatenate(blocks)
+
+  def caption_columns(self, distinct_caption_scores):
+    """(..., distinct captions) -> (..., captions): each caption takes its distinct string's column."""
+    return distinct_caption_scores[..., self._caption_to_unique]
 
   def run(self, variables, embed_images, embed_texts, score):
     image_embeddings, text_embeddings = self.embeddings(variables, embed_images, embed_texts)

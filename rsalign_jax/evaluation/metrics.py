@@ -26,6 +26,7 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 5, 10),
     ties: str = "expected",
     chunk_size: int | None = None,
+    t2i_sim=None,
 ) -> dict[str, float]:
     """R@K (percent) in both directions, their mean ``mR`` and sum ``rsum``, and mean ranks.
 
@@ -37,6 +38,8 @@ def retrieval_metrics(
       ties: 'expected' (headline), 'optimistic' or 'pessimistic' (labelled bounds).
       chunk_size: image rows per chunk; default keeps a chunk near 16M entries,
         so memory beyond ``sim`` stays bounded for any matrix size.
+      t2i_sim: the t2i direction's scores where they differ from ``sim``'s (a
+        test-time normalisation of each direction, `evaluation.querybank`).
 
     Returns:
       ``{i2t_R<K>..., t2i_R<K>..., mR, rsum, i2t_meanr, t2i_meanr}`` as floats
@@ -50,6 +53,9 @@ def retrieval_metrics(
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     counts = dict(zip(("i2t", "t2i"), _tie_counts(sim, caption_image, chunk_size)))
+    if t2i_sim is not None:
+        t2i_sim, _ = _validate(t2i_sim, caption_image)
+        counts["t2i"] = _tie_counts(t2i_sim, caption_image, chunk_size)[1]
     metrics = {
         f"{d}_R{k}": 100.0 * float(np.mean(_hit_probability(*counts[d], int(k), ties)))
         for d in counts

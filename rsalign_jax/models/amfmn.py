@@ -116,17 +116,6 @@ def cosine_to_attended(visual: jax.Array, attended: jax.Array) -> jax.Array:
   return dots / jnp.maximum(norms, _EPS)
 
 
-def map_image_blocks(fn, images: tuple[jax.Array, ...], block: int) -> jax.Array:
-  """fn(image rows) -> (rows, M) over blocks of `block` rows (`lax.map`), concatenated back to (N, M)."""
-  n = images[0].shape[0]
-  if block >= n:
-    return fn(*images)
-  padded = -n % block
-  blocks = [jnp.pad(x, ((0, padded), (0, 0))).reshape(-1, block, x.shape[-1]) for x in images]
-  scores = jax.lax.map(lambda xs: fn(*xs), tuple(blocks))
-  return scores.reshape(-1, scores.shape[-1])[:n]
-
-
 class CrossAttention(nn.Module):
   """Visual-guided text attention and the cosine score (`CrossAttention` + `BaseModel.forward`)."""
   att_type: str = "soft_att"
@@ -149,18 +138,20 @@ class CrossAttention(nn.Module):
       gate_v, gate_t = ConcatDense(d, name="fc1")(visual, text)
       value_v, value_t = ConcatDense(d, name="fc2")(visual, text)
 
-      def scores(v, g, a):
+      def fusion_scores(rows):
+        v, g, a = rows
         attended = jax.nn.sigmoid(g[:, None] + gate_t[None]) * (a[:, None] + value_t[None])
         return cosine_to_attended(v, attended)
-      return map_image_blocks(scores, (visual, gate_v, value_v), block)
+      return layers.map_in_blocks(fusion_scores, (visual, gate_v, value_v), block)
 
     visual_proj = layers.torch_dense(d, fan_in=d, name="fc_visual")(visual)
     text_proj = layers.torch_dense(d, fan_in=d, name="fc_text")(text)
 
-    def scores(v, p):
+    def projected_scores(rows):
+      v, p = rows
       attended = jax.nn.sigmoid(p[:, None] * text_proj[None]) * text_proj[None]
       return cosine_to_attended(v, attended)
-    return map_image_blocks(scores, (visual, visual_proj), block)
+    return layers.map_in_blocks(projected_scores, (visual, visual_proj), block)
 
 
 class Model(towers.SwappableTowers, base.RetrievalModel):

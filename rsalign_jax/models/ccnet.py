@@ -152,23 +152,13 @@ def pair_scores(images: dict, texts: dict, mlp: Callable[[jax.Array], jax.Array]
   return score_lambda * tam + (1 - score_lambda) * cfm
 
 
-def _blocks(tree, size):
-  """Pads the leading axis with copies of the last row to a multiple of `size`, then (blocks, size, ...)."""
-  def split(x):
-    padded = jnp.concatenate([x, jnp.repeat(x[-1:], -len(x) % size, axis=0)])
-    return padded.reshape((-1, size) + x.shape[1:])
-  return jax.tree.map(split, tree)
-
-
 def chunked_pairwise(fn: Callable[[Any, Any], jax.Array], images, texts, image_chunk: int,
                      text_chunk: int) -> jax.Array:
   """fn(image_block, text_block) -> (ci, ct) over all (n, m) pairs, one block at a time (nested `lax.map`)."""
   n, m = len(jax.tree.leaves(images)[0]), len(jax.tree.leaves(texts)[0])
-  ci, ct = min(image_chunk, n), min(text_chunk, m)
-  text_blocks = _blocks(texts, ct)
-  out = lax.map(lambda image_block: lax.map(functools.partial(fn, image_block), text_blocks),
-                _blocks(images, ci))  # (n / ci, m / ct, ci, ct)
-  return out.transpose(0, 2, 1, 3).reshape(out.shape[0] * ci, out.shape[1] * ct)[:n, :m]
+  image_rows = lambda image_block: layers.map_in_blocks(lambda text_block: fn(image_block, text_block).T, texts,
+                                                        min(text_chunk, m)).T
+  return layers.map_in_blocks(image_rows, images, min(image_chunk, n))
 
 
 # ---------------------------------------------------------------- the model

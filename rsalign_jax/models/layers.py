@@ -42,6 +42,21 @@ def strided_windows(padded: jax.Array, kernel: int, stride: int, out_h: int, out
       yield dy, dx, jax.lax.slice(padded, (0, dy, dx, 0), end, (1, stride, stride, 1))
 
 
+def map_in_blocks(fn, tree, block: int):
+  """fn(rows) -> outputs with one row per input row, over blocks of `block` leading rows of the pytree `tree`
+  (`lax.map`: one block's intermediates live at a time); the last block is padded with copies of the last row (no
+  zero-norm rows) and the padding cropped from the concatenated outputs."""
+  n = len(jax.tree.leaves(tree)[0])
+  if block >= n:
+    return fn(tree)
+
+  def split(x):
+    padded = jnp.concatenate([x, jnp.repeat(x[-1:], -n % block, axis=0)])
+    return padded.reshape((-1, block) + x.shape[1:])
+  out = jax.lax.map(fn, jax.tree.map(split, tree))
+  return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], out)
+
+
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 = Flax 0.9, eps 1e-5); batch statistics when training."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)

@@ -69,16 +69,21 @@ def to_global(local_batch, sharding):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def pad_rows(array, rows):
+  """A numpy array of at most `rows` rows with zero rows appended to exactly `rows` (one compiled function then
+  serves a split's last, short batch)."""
+  array = np.asarray(array)
+  return np.concatenate([array, np.zeros((rows - len(array),) + array.shape[1:], array.dtype)])
+
+
 def padded_global_batch(arrays, rows, sharding):
   """A batch every process holds whole (numpy pytree, at most `rows` rows) as a global batch of exactly `rows` rows:
   zero rows appended (one compiled function serves a split's last, short batch), each process giving its slice."""
   count = jax.process_count()
 
   def local(array):
-    array = np.asarray(array)
-    padded = np.concatenate([array, np.zeros((rows - len(array),) + array.shape[1:], array.dtype)])
     share = rows // count
-    return padded[jax.process_index() * share:(jax.process_index() + 1) * share]
+    return pad_rows(array, rows)[jax.process_index() * share:(jax.process_index() + 1) * share]
 
   return to_global(jax.tree.map(local, arrays), sharding)
 

@@ -1,0 +1,39 @@
+"""The papers' retrieval metrics of a split with querybank normalisation (`evaluation.querybank`), reported beside the
+plain `retrieval` evaluator's.
+
+The banks come from `bank_split` (the training split by default): its distinct captions are the bank of text
+queries (normalising the t2i scores of every test image) and its images the bank of image queries (normalising the
+i2t scores of every test caption). The test queries' own statistics are never used.
+
+  config.evals.test_qbnorm = dict(type="querybank", split="test", at="end", beta=20.0)
+"""
+from rsalign_jax.evaluation import metrics as metrics_lib
+from rsalign_jax.evaluation import querybank
+from rsalign_jax.evaluation.evaluators import retrieval
+
+
+class Evaluator:
+
+  def __init__(self, setup, name, *, split, bank_split="", beta=20.0, dynamic=True):
+    if bank_split == split:
+      raise ValueError(f"evals.{name}.bank_split={bank_split!r}: the query bank must come from another split than "
+                       "the one evaluated (its queries' own statistics would leak into their scores)")
+    self.name, self._retrieval = name, setup.retrieval
+    self._evaluator = setup.make_evaluator(split)
+    self._bank = setup.make_evaluator(bank_split or setup.config.dataset.train_split)
+    self._beta, self._dynamic = beta, dynamic
+
+  def run(self, variables, step, writer):
+    del writer  # `evaluators.run` writes the metrics
+    evaluator, r = self._evaluator, self._retrieval
+    images, texts = evaluator.embeddings(variables, r.embed_images, r.embed_texts)
+    bank_images, bank_texts = self._bank.embeddings(variables, r.embed_images, r.embed_texts)
+    sim = evaluator.scores(variables, r.score, images, texts)  # (images, distinct captions)
+    text_bank = evaluator.scores(variables, r.score, images, bank_texts, "scoring the caption bank")
+    image_bank = evaluator.scores(variables, r.score, bank_images, texts, "scoring the image bank")
+    i2t = querybank.normalise(sim, image_bank, self._beta, self._dynamic)
+    t2i = querybank.normalise(sim.T, text_bank.T, self._beta, self._dynamic).T
+    metrics = metrics_lib.retrieval_metrics(evaluator.caption_columns(i2t), evaluator.index.record,
+                                            t2i_sim=evaluator.caption_columns(t2i))
+    retrieval.log("%s @%d: %s", self.name, step, ", ".join(f"{k} {metrics[k]:.2f}" for k in retrieval.SUMMARY))
+    return metrics
