@@ -34,7 +34,7 @@ def get_config(arg=None):
   from rsalign_jax import configlib  # pylint: disable=g-import-not-at-top
   arg = configlib.parse_arg(arg, positional="dataset", dataset="synthetic", manual_dir="", data_dir="", seed=0,
                             image_tower="lite0", image_size=224, views=8, epochs=50, batch=128, lr=1e-3,
-                            lr_scaling="none", sampling="per_image", loss="softmax", block_size=0, qbnorm=0.0)
+                            lr_scaling="none", sampling="per_image", loss="softmax", block_size=0, qbnorm=10.0)
   for name, value, allowed in (("sampling", arg.sampling, SAMPLINGS), ("loss", arg.loss, LOSSES),
                                ("lr_scaling", arg.lr_scaling, LR_SCALINGS)):
     if value not in allowed:

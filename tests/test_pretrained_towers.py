@@ -1,5 +1,6 @@
 """Swappable towers of HVSA/AMFMN and the dual encoder: EfficientNet-Lite / MiniLM options, frozen towers."""
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import config_module, disabled, load_config, runlocal_config
+from helpers import assert_consistent_results, config_module, disabled, load_config, runlocal_config
 from rsalign_jax import configlib, optimizers, train
 from rsalign_jax.data import preprocessing
 from rsalign_jax.models import amfmn, dual_encoder, efficientnet_lite, hvsa
@@ -133,11 +134,15 @@ def test_paper_configs_swap_in_the_pretrained_towers(name):
 
 @needs_weights
 def test_trainer_starts_from_the_packaged_weights_and_never_moves_frozen_towers(tmp_path_factory):
-  config = runlocal_config(tmp_path_factory, "clip", "runlocal,image_tower=lite0,text_tower=bert,init=minilm,"
-                           "frozen=image+text", total_steps=2, **disabled("random_init"))
-  workdir = tmp_path_factory.mktemp("floor")
+  """The real-data recipe (configs/frozen_trunks.py) on the synthetic benchmark, its towers recomputed every step
+  (`views=0`): it trains and evaluates, and its frozen towers hold the packaged weights."""
+  config = runlocal_config(tmp_path_factory, "frozen_trunks", "synthetic,views=0,image_size=32", total_steps=2,
+                           eval_batch_size=16, **{"dataset.name": "synthetic_rs/tiny", "input.batch_size": 8},
+                           **disabled("random_init"))
+  workdir = tmp_path_factory.mktemp("recipe")
   results = train.train_and_evaluate(config, str(workdir))
-  assert results["total_steps"] == 2 and np.isfinite(results["test"]["mR"])
+  assert results["total_steps"] == 2 and set(results) >= {"test", "val_qbnorm", "test_qbnorm"}
+  assert_consistent_results(results)
   params = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "state")["params"]["model"]
   image = common.load_state_dict(efficientnet.packaged_checkpoint("lite0"))
   np.testing.assert_array_equal(params["image_encoder"]["conv_stem"]["kernel"],
@@ -161,6 +166,25 @@ def test_shifted_depthwise_conv_and_its_gradient_equal_the_grouped_convolution(k
   loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))  # a non-constant output gradient
   for got, want in zip(jax.grad(loss(shifted), (0, 1))(x, kernel), jax.grad(loss(grouped), (0, 1))(x, kernel)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_weights
+def test_the_recipe_args_set_batch_loss_sampling_and_querybank_entries():
+  config = load_config("frozen_trunks", "ucm,manual_dir=/data/ucm,batch=2048,lr_scaling=sqrt,loss=sigmoid,"
+                                        "sampling=per_caption,block_size=512,epochs=10,qbnorm=20")
+  assert (config.dataset.manual_dir, config.input.batch_size, config.input.sampling) == ("/data/ucm", 2048,
+                                                                                         "per_caption")
+  assert config.optimizer.lr == pytest.approx(1e-3 * 4) and config.total_epochs == 10
+  assert (config.loss.kind, config.loss.impl, config.loss.block_size) == ("sigmoid", "ring", 512)
+  assert config.evals.test_qbnorm.to_dict() == dict(type="querybank", split="test", at="end", beta=20.0,
+                                                    enabled=True)
+  assert config.evals.val_qbnorm.split == config.evals.val.split
+  assert config.trunk_cache.views == 8 and config.model.frozen == ("image", "text")
+  assert "test_qbnorm" not in load_config("frozen_trunks", "qbnorm=0").evals
+  for arg, message in (("sampling=all", "config arg sampling='all': expected one of ('per_image', 'per_caption')"),
+                       ("loss=vse", "config arg loss='vse': expected one of ('softmax', 'sigmoid')")):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+      load_config("frozen_trunks", arg)
 
 
 @needs_weights

@@ -21,11 +21,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from helpers import write_wordpiece_vocab
+from helpers import assert_consistent_results, write_wordpiece_vocab
 from rsalign_jax.models import bert, efficientnet_lite
 from rsalign_jax.weights import bert as bert_weights
 from rsalign_jax.weights import common, efficientnet, torch_files
-from test_real_datasets import RSICD_ENTRIES, _write_karpathy
+from test_real_datasets import _entry, _write_karpathy
 
 torch = pytest.importorskip("torch")
 
@@ -170,12 +170,16 @@ def _install_weight_packages(root):
   return lite0_dir / "efficientnet-lite0-random.pth", minilm_dir
 
 
-def test_real_data_config_with_lite0_trains_in_a_process_without_torch(tmp_path):
+def test_the_real_data_recipe_trains_on_a_ucm_layout_in_a_process_without_torch(tmp_path):
+  """configs/frozen_trunks.py (Lite0 + MiniLM from their pip packages, cached trunks, MLP heads) on a fixture in
+  UCM-Captions' published layout: it builds the dataset, computes the cache, trains and evaluates, without torch."""
   image_checkpoint, text_checkpoint = _install_weight_packages(tmp_path / "weights")
-  _write_karpathy(tmp_path / "rsicd", "dataset_rsicd.json", "RSICD_images", RSICD_ENTRIES, "JPEG")
+  entries = [_entry(f"{i + 1}.tif", i, "train" if i < 18 else "test", [f"scene {i} caption {k}" for k in range(5)])
+             for i in range(21)]
+  _write_karpathy(tmp_path / "UCM", "dataset.json", "imgs", entries, "TIFF")
   workdir = tmp_path / "workdir"
-  row = f"mlp_heads,views=1,manual_dir={tmp_path / 'rsicd'},data_dir={tmp_path / 'tfds'}"
-  flags = [f"--config=configs/rsicd_aid150.py:{row}", f"--workdir={workdir}", "--config.input.batch_size=2",
+  arg = f"ucm,views=1,image_size=32,manual_dir={tmp_path / 'UCM'},data_dir={tmp_path / 'tfds'}"
+  flags = [f"--config=configs/frozen_trunks.py:{arg}", f"--workdir={workdir}", "--config.input.batch_size=2",
            "--config.total_steps=2", "--config.log_every_steps=1", "--config.evals.random_init.enabled=False"]
   without_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'rsalign_jax.main'; "
                    "runpy.run_module('rsalign_jax.main', run_name='__main__', alter_sys=True)")
@@ -191,3 +195,7 @@ def test_real_data_config_with_lite0_trains_in_a_process_without_torch(tmp_path)
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = {d["step"]: d["train/loss"] for d in metrics if "train/loss" in d}
   assert list(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+  assert "training on cached outputs of the frozen image+text trunk(s)" in run.stderr
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["test_images"] == 3
+  assert_consistent_results(results)

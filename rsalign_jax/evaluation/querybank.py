@@ -12,7 +12,6 @@ and leaves the other queries' scores as they were, which the paper found never t
 query matters to the retrieval metrics, so rows on the two scales can sit in one matrix.
 """
 import numpy as np
-import scipy.special
 
 
 def normalise(scores: np.ndarray, bank_scores: np.ndarray, beta: float, dynamic: bool = True) -> np.ndarray:
@@ -22,7 +21,9 @@ def normalise(scores: np.ndarray, bank_scores: np.ndarray, beta: float, dynamic:
     raise ValueError(f"query scores {scores.shape} and bank scores {bank_scores.shape}: expected (Q, G) and (B, G)")
   if not beta > 0:
     raise ValueError(f"querybank beta={beta}: expected a positive inverse temperature")
-  normalised = beta * scores - scipy.special.logsumexp(beta * bank_scores, axis=0)[None, :]
+  bank_logits = beta * bank_scores
+  top = bank_logits.max(axis=0)
+  normalised = beta * scores - (top + np.log(np.exp(bank_logits - top).sum(axis=0)))[None, :]
   if not dynamic:
     return normalised
   activated = np.zeros(scores.shape[1], bool)
