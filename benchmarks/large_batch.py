@@ -7,7 +7,8 @@ sizes for the same number of epochs, with the softmax and the sigmoid loss; prin
 Each row is one `python -m rsalign_jax.main --config=configs/frozen_trunks.py:<arg>` run in its own process (the
 command is printed), in `--workdir/<row>`; a row whose workdir holds results.json is read, not re-run. Columns: the
 best validation mR and the test mR of that checkpoint, the number of steps, the median seconds per step (the
-trainer's `perf/seconds_per_step` windows after the first, which holds the compilation), XLA's per-device buffers of
+trainer's `perf/seconds_per_step` windows after the first, which holds the compilation; `*`: the run logged only
+that one), XLA's per-device buffers of
 the compiled train step (`perf/step_memory_mib`) and the wall time of the run. The trunk cache is shared by every row
 (the first run computes it).
 """
@@ -57,10 +58,10 @@ def run_row(batch, loss, seed):
 
 
 def summary(results, lines, wall):
-  step_seconds = [line["perf/seconds_per_step"] for line in lines if "perf/seconds_per_step" in line][1:]
+  windows = [line["perf/seconds_per_step"] for line in lines if "perf/seconds_per_step" in line]
   memory = [line["perf/step_memory_mib"] for line in lines if "perf/step_memory_mib" in line]
   return {"val": results["best_val"]["mR"], "test": results["test"]["mR"], "steps": results["total_steps"],
-          "s_per_step": statistics.median(step_seconds) if step_seconds else float("nan"),
+          "s_per_step": statistics.median(windows[1:] or windows), "with_compile": len(windows) == 1,
           "memory": memory[0] if memory else float("nan"), "wall": wall}
 
 
@@ -80,7 +81,8 @@ def main(argv):
       walls = [r["wall"] for r in rows if r["wall"] is not None]
       wall = f"{statistics.mean(walls) / 60:.1f} min" if walls else "(earlier run)"
       print(f"| {batch} | {loss} | {rows[0]['steps']} | {mean_text([r['val'] for r in rows])} | "
-            f"{mean_text([r['test'] for r in rows])} | {statistics.median(r['s_per_step'] for r in rows):.3f} | "
+            f"{mean_text([r['test'] for r in rows])} | {statistics.median(r['s_per_step'] for r in rows):.3f}"
+            f"{'*' if rows[0]['with_compile'] else ''} | "
             f"{rows[0]['memory']:.0f} | {wall} |", flush=True)
 
 

@@ -1,13 +1,16 @@
 """Test session setup: 8 virtual CPU devices, so multi-device code is exercised everywhere, and one persistent XLA
 compilation cache per test run, shared by the xdist workers and the processes the multi-process tests start: many
-tests train the same runlocal configs, and compiling them is most of the suite's time."""
+tests train the same runlocal configs, and compiling them is most of the suite's time. For the same reason the
+backend compiles without LLVM's optimisation passes (`--xla_backend_optimization_level=0`): the same HLO and the same
+floating-point semantics (no fast-math at any level), slower loops, and the tests' arrays are small."""
 import os
 import shutil
 import tempfile
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
