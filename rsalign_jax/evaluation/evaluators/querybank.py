@@ -5,7 +5,7 @@ The banks come from `bank_split` (the training split by default): its distinct c
 queries (normalising the t2i scores of every test image) and its images the bank of image queries (normalising the
 i2t scores of every test caption). The test queries' own statistics are never used.
 
-  config.evals.test_qbnorm = dict(type="querybank", split="test", at="end", beta=20.0)
+  config.evals.test_qbnorm = dict(type="querybank", split="test", at="end", beta=10.0)
 """
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.evaluation import querybank
@@ -13,8 +13,10 @@ from rsalign_jax.evaluation.evaluators import retrieval
 
 
 class Evaluator:
+  """`split`'s retrieval metrics from scores normalised against the banks (`dynamic`: QB-Norm's dynamic inverted
+  softmax; otherwise the inverted softmax for every query), inverse temperature `beta`."""
 
-  def __init__(self, setup, name, *, split, bank_split="", beta=20.0, dynamic=True):
+  def __init__(self, setup, name, *, split, bank_split="", beta=10.0, dynamic=True):
     if bank_split == split:
       raise ValueError(f"evals.{name}.bank_split={bank_split!r}: the query bank must come from another split than "
                        "the one evaluated (its queries' own statistics would leak into their scores)")
