@@ -97,7 +97,10 @@ def test_an_extra_end_entry_is_reported_and_without_select_best_the_last_state_i
   assert set(written) == {"test", "train_fit", *train.RESULTS_KEYS} and written["train_fit"] == results["train_fit"]
   assert written["tested_checkpoint"] == "last" and written["best_step"] is None and written["best_val"] is None
   assert not list((workdir / "best").glob("[0-9]*"))  # no entry selects: no best checkpoint
-  last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  memory = {d["step"]: d["perf/step_memory_mib"] for d in lines if "perf/step_memory_mib" in d}
+  assert list(memory) == [1] and memory[1] > 0  # the compiled step's per-device buffers, reported once
+  last = lines[-1]
   assert last["step"] == 4 and "val/mR" in last  # validation still runs, periodically
   assert {k: last[f"train_fit/{k}"] for k in written["train_fit"]} == written["train_fit"]
   assert {k: last[f"test/{k}"] for k in written["test"]} == written["test"]
