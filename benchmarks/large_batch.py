@@ -2,14 +2,14 @@
 sizes for the same number of epochs, with the softmax and the sigmoid loss; prints a markdown table.
 
   python benchmarks/large_batch.py --dataset=rsicd --manual_dir=PATH --data_dir=DIR --workdir=/tmp/large_batch \
-    --batches=128,512,2048,8192,32768 --losses=softmax,sigmoid --arg=sampling=per_caption,epochs=10
+    --batches=128,512,2048,8192,16384 --losses=softmax,sigmoid --arg=sampling=per_caption,epochs=10
 
 Each row is one `python -m rsalign_jax.main --config=configs/frozen_trunks.py:<arg>` run in its own process (the
 command is printed), in `--workdir/<row>`; a row whose workdir holds results.json is read, not re-run. Columns: the
 best validation mR and the test mR of that checkpoint, the number of steps, the median seconds per step (the
 trainer's `perf/seconds_per_step` windows after the first, which holds the compilation; `*`: the run logged only
-that one), XLA's per-device buffers of
-the compiled train step (`perf/step_memory_mib`) and the wall time of the run. The trunk cache is shared by every row
+that one), XLA's per-device buffers of the compiled train step (`perf/step_memory_mib`) and the wall time of the
+run. The trunk cache is shared by every row
 (the first run computes it).
 """
 import json
@@ -45,8 +45,8 @@ def run_row(batch, loss, seed):
   workdir = pathlib.Path(_WORKDIR.value) / f"{_DATASET.value}_b{batch}_{loss}_s{seed}"
   wall = None
   if not (workdir / "results.json").exists():
-    command = [sys.executable, "-m", "rsalign_jax.main", f"--config=configs/frozen_trunks.py:{config_arg(batch, loss, seed)}",
-               f"--workdir={workdir}"]
+    command = [sys.executable, "-m", "rsalign_jax.main",
+               f"--config=configs/frozen_trunks.py:{config_arg(batch, loss, seed)}", f"--workdir={workdir}"]
     print(" ".join(command), file=sys.stderr, flush=True)
     start = time.time()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,13 @@ the mean-pooled sentence are trained with the softmax (InfoNCE) or sigmoid loss.
 (its `train_split`, `val_split`, `test_split`); the best checkpoint by validation rsum is tested.
 
 Arg: the dataset (`rsicd`, `rsitmd`, `ucm`, `sydney`, `synthetic`), `manual_dir=PATH`, `data_dir=PATH`, `seed=N`,
-`image_tower=lite0|lite2`, `image_size=N` (default 224, Lite0's training resolution), `views=N` (8),
-`epochs=N` (50), `batch=N` (128), `lr=X` (1e-3; `lr_scaling=sqrt` multiplies it by sqrt(batch / 128); AdamW as configs/clip.py's, one warm-up
-epoch, x0.1 for the last),
-`sampling=per_image|per_caption` (one caption of each image per epoch, or every caption; same-image captions in a
-batch are all positives), `loss=softmax|sigmoid`, `block_size=N` (the loss in column blocks of N, `loss.impl=ring`;
-0: the whole (B, B) matrix at once), `qbnorm=BETA` (> 0 adds `val_qbnorm` and `test_qbnorm` end entries:
-querybank-normalised metrics with the training split as the banks, `evaluation/evaluators/querybank.py`).
+`image_tower=lite0|lite2`, `image_size=N` (default 224, Lite0's training resolution), `views=N` (8), `epochs=N` (50),
+`batch=N` (128), `lr=X` (1e-3; `lr_scaling=sqrt` multiplies it by sqrt(batch / 128); AdamW as configs/clip.py's,
+one warm-up epoch, x0.1 for the last), `sampling=per_image|per_caption` (one caption of each image per epoch, or
+every caption; same-image captions in a batch are all positives), `loss=softmax|sigmoid`, `block_size=N` (the loss
+in column blocks of N, `loss.impl=ring`; 0: the whole (B, B) matrix at once), `qbnorm=BETA` (default 10, chosen on
+rsicd_aid150's validation split; > 0 adds `val_qbnorm` and `test_qbnorm` end entries: querybank-normalised metrics
+with the training split as the banks, `evaluation/evaluators/querybank.py`; 0: none).
 """
 import importlib.util
 import os
