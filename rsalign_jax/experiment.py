@@ -162,11 +162,13 @@ def load_pretrained(state, config, *, cached_trunks=False):
 
 def pretrained_model_variables(model, config, example, rng):
   """The model's variables with `config.init`'s pretrained weights (what its frozen trunks compute with), initialised
-  from `rng` as `create_train_state` does."""
+  from `rng` as `create_train_state` does. Entries filling the objective's parameters are not the model's: skipped."""
   args, fields = model_inputs(model, example)
   variables = jax.jit(lambda r: model.init(_init_rngs(r)[0], *args, **fields, train=False))(rng)
+  init = {name: entry for name, entry in dict(config.get("init") or {}).items()
+          if not entry.get("into", "").startswith("params/objective")}
   variables = weights_common.init_params({"params": {"model": variables["params"]},
-                                          "batch_stats": variables.get("batch_stats", {})}, config.get("init"))
+                                          "batch_stats": variables.get("batch_stats", {})}, init)
   return {"params": variables["params"]["model"], "batch_stats": variables["batch_stats"]}
 
 

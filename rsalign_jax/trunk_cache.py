@@ -20,6 +20,7 @@ dataset's tfds build.
 import hashlib
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -30,6 +31,7 @@ from rsalign_jax.models import base as model_base
 from rsalign_jax.runtime import metric_writer
 from rsalign_jax.runtime import progress as progress_lib
 from rsalign_jax.runtime import sharding
+from rsalign_jax.weights import trained as trained_weights
 
 log = metric_writer.log
 MAX_VIEWS = 8
@@ -60,10 +62,12 @@ def dihedral_view(image: np.ndarray, k: int) -> np.ndarray:
 
 def fingerprint(config, tower: str) -> str:
   """A short hash of everything that determines the tower's cached trunk outputs (any seed, any split, any heads:
-  the model's HEAD_FIELDS are left out)."""
-  init = {name: dict(entry) for name, entry in dict(config.get("init") or {}).items()}
+  the model's HEAD_FIELDS, which towers are frozen and `init` entries filling only unfrozen parameters are left out,
+  so a run fine-tuning one tower from another run's heads reuses the other tower's cache)."""
+  init = {name: dict(entry) for name, entry in dict(config.get("init") or {}).items()
+          if _fills_frozen_parameters(entry, config.optimizer.get("frozen", ()))}
   head_fields = model_base.model_class(config.model_name).HEAD_FIELDS
-  model = {k: v for k, v in config.model.to_dict().items() if k not in head_fields}
+  model = {k: v for k, v in config.model.to_dict().items() if k not in (*head_fields, "frozen")}
   image = tower == "image"
   dataset = config.dataset.to_dict()
   if not dataset.get("corpus"):  # the corpus options change nothing without a corpus: keep earlier caches valid
@@ -73,6 +77,21 @@ def fingerprint(config, tower: str) -> str:
               dtype=config.trunk_cache.get("dtype", "float16"), pp_eval=config.input.pp_eval if image else None,
               views=config.trunk_cache.views if image else None, text=None if image else config.text.to_dict())
   return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fills_frozen_parameters(entry, frozen_patterns) -> bool:
+  """Whether an `init` entry may fill a parameter matching the optimizer's `frozen` regexes (the cached trunks'):
+  a trained workdir's entry (`weights.trained`) is read to list what it fills, any other entry counts as one."""
+  if entry.get("format") != "trained.load" or not entry.get("checkpoint"):
+    return True
+  collection, _, within = f"{entry.get('into', '')}/".partition("/")
+  if collection not in trained_weights.COLLECTIONS:
+    return True
+  filled = trained_weights.load(entry["checkpoint"], collection=entry.get("collection", "params"),
+                                subtree=entry.get("subtree", ""))
+  # the frozen regexes name paths under `params`; BatchNorm statistics sit at the same paths under `batch_stats/`.
+  prefix = within if collection == "params" else f"model/{within}"
+  return any(re.fullmatch(pattern, prefix + path) for pattern in frozen_patterns for path in filled)
 
 
 class CachedImages:
@@ -134,6 +153,7 @@ class TrunkCache:
                        "(its TRUNKS); freeze other towers or set trunk_cache.views=0")
     self._config, self._variables_fn, self._vocab = config, trunk_variables_fn, vocab
     self._variables = None
+    self._loaded = {}  # path -> its arrays
     self._views = config.trunk_cache.views
     self._dtype = np.dtype(config.trunk_cache.get("dtype", "float16"))
     if self._dtype not in (np.float16, np.float32):
@@ -157,8 +177,7 @@ class TrunkCache:
     path = self._path("image", split)
     if not os.path.exists(path):
       self._save(path, outputs=self._compute_images(source, views, split))
-    with np.load(path) as cached:
-      return CachedImages(source, cached["outputs"])
+    return CachedImages(source, self._load(path)["outputs"])
 
   def texts(self, split: str | None, source):
     """A tokenizer stand-in holding the text trunk's output of every distinct caption of `split`, whose records are
@@ -172,13 +191,21 @@ class TrunkCache:
       distinct = sorted(set(sources.CaptionIndex.read(source).captions))
       self._save(path, outputs=self._compute_texts(distinct, self._config.text.max_len, f"{split} captions"),
                  captions=np.asarray(distinct, dtype=object))
-    with np.load(path, allow_pickle=True) as cached:
-      return CachedTexts(self._vocab, cached["captions"].tolist(), cached["outputs"], self._compute_texts)
+    cached = self._load(path)
+    return CachedTexts(self._vocab, cached["captions"].tolist(), cached["outputs"], self._compute_texts)
 
   def image_outputs(self, images: np.ndarray) -> np.ndarray:
     """Eval-preprocessed images (N, H, W, 3) -> their image-trunk outputs (N, ...) float32 (e.g. search queries)."""
     return _in_batches(lambda x: self._image_fn(self.variables(), x), (images,), self._config.eval_batch_size,
                        np.float32)
+
+  def _load(self, path):
+    """The arrays of `path`, read once: the trainer and an evaluator of the same split (a query bank drawn from the
+    training split) share one copy."""
+    if path not in self._loaded:
+      with np.load(path, allow_pickle=True) as cached:
+        self._loaded[path] = {name: cached[name] for name in cached.files}
+    return self._loaded[path]
 
   def _path(self, tower, split):
     return os.path.join(self._dir, f"{tower}-{fingerprint(self._config, tower)}", f"{split}.npz")

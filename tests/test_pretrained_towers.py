@@ -169,7 +169,7 @@ def test_shifted_depthwise_conv_and_its_gradient_equal_the_grouped_convolution(k
 
 
 @needs_weights
-def test_the_recipe_args_set_batch_loss_sampling_and_querybank_entries():
+def test_the_recipe_args_set_batch_loss_sampling_querybank_and_finetuning_entries():
   config = load_config("frozen_trunks", "ucm,manual_dir=/data/ucm,batch=2048,lr_scaling=sqrt,loss=sigmoid,"
                                         "sampling=per_caption,block_size=512,epochs=10,qbnorm=20")
   assert (config.dataset.manual_dir, config.input.batch_size, config.input.sampling) == ("/data/ucm", 2048,
@@ -181,8 +181,16 @@ def test_the_recipe_args_set_batch_loss_sampling_and_querybank_entries():
   assert config.evals.val_qbnorm.split == config.evals.val.split
   assert config.trunk_cache.views == 8 and config.model.frozen == ("image", "text")
   assert "test_qbnorm" not in load_config("frozen_trunks", "qbnorm=0").evals
+  finetune = load_config("frozen_trunks", "ucm,finetune=text,finetune_lr_mult=0.5,init_from=/runs/heads")
+  assert finetune.model.frozen == ("image",) and finetune.optimizer.frozen == ("model/image_encoder/.*",)
+  assert finetune.optimizer.lr_mults == (("model/text_encoder/.*", 0.5),) and finetune.trunk_cache.views == 8
+  assert finetune.init.trained_model.to_dict() == dict(format="trained.load", checkpoint="/runs/heads",
+                                                       into="params/model", subtree="model")
+  assert finetune.init.trained_objective.into == "params/objective"
+  assert load_config("frozen_trunks", "finetune=image+text").trunk_cache.views == 0  # nothing frozen to cache
   for arg, message in (("sampling=all", "config arg sampling='all': expected one of ('per_image', 'per_caption')"),
-                       ("loss=vse", "config arg loss='vse': expected one of ('softmax', 'sigmoid')")):
+                       ("loss=vse", "config arg loss='vse': expected one of ('softmax', 'sigmoid')"),
+                       ("finetune=txt", "config arg finetune='txt': expected '+'-joined towers of ['image', 'text']")):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
       load_config("frozen_trunks", arg)
 

@@ -124,6 +124,53 @@ def test_fingerprint_follows_what_the_outputs_depend_on(tmp_path_factory):
   assert trunk_cache.fingerprint(config, "text") == trunk_cache.fingerprint(other_pp, "text")
 
 
+def test_fine_tuning_one_tower_from_trained_heads_starts_where_they_ended_and_reuses_the_other_cache(
+    runs, tmp_path_factory, caplog):
+  """Linear probing then fine-tuning: the text tower trained under the heads of the cached run, whose image cache it
+  reads (the `frozen` field and the heads' init entries do not change the image trunk's fingerprint)."""
+  cache_dir, results = runs
+  heads_config, heads_dir, heads_results = results["cached"]
+  init = {f"trained_{part}": dict(format="trained.load", checkpoint=str(heads_dir), into=f"params/{part}",
+                                  subtree=part) for part in ("model", "objective")}
+  config = frozen_clip_config(tmp_path_factory, **{
+      "trunk_cache.views": 1, "trunk_cache.dtype": "float32", "trunk_cache.dir": str(cache_dir),
+      "model.frozen": ("image",), "optimizer.frozen": heads_config.optimizer.frozen[:1],
+      "evals.random_init.enabled": True, **{f"init.{name}": entry for name, entry in init.items()}})
+  assert trunk_cache.fingerprint(config, "image") == trunk_cache.fingerprint(heads_config, "image")
+  stamps = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")}
+  workdir = tmp_path_factory.mktemp("finetune_text")
+  with caplog.at_level("INFO"):
+    results = train.train_and_evaluate(config, str(workdir))
+  assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")} == stamps
+  assert "trunk cache: wrote" not in caplog.text
+  for key, value in heads_results["test"].items():  # its start evaluation is the heads run's tested state
+    assert results["random_init"][key] == pytest.approx(value, abs=1e-4), key
+  assert results["total_steps"] == 4 and np.isfinite(train_losses(workdir)).all()
+
+
+def test_init_entries_that_fill_a_frozen_trunk_change_its_fingerprint(runs, tmp_path_factory):
+  _, results = runs
+  heads_config, heads_dir, _ = results["cached"]
+  uncached_config, uncached_dir, _ = results["uncached"]  # its checkpoint holds the frozen trunks' parameters too
+  fingerprints = set()
+  for workdir in (heads_dir, uncached_dir):
+    config = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 1, "trunk_cache.dtype": "float32",
+                                                     "init.trained": dict(format="trained.load", into="params/model",
+                                                                          checkpoint=str(workdir), subtree="model")})
+    fingerprints.add(trunk_cache.fingerprint(config, "image"))
+  assert trunk_cache.fingerprint(heads_config, "image") in fingerprints and len(fingerprints) == 2
+
+
+def test_a_split_read_twice_shares_one_copy_of_its_cached_outputs(runs, tmp_path_factory):
+  """The training split's cache, read by the trainer and again for a query bank, is in memory once."""
+  _, results = runs
+  config = results["cached"][0]
+  setup = experiment.build_setup(config, str(tmp_path_factory.mktemp("shared")), sharding_lib.make_mesh())
+  name = config.dataset.train_split
+  first, second = (setup.trunk_cache.images(name, setup.train_source) for _ in range(2))
+  assert np.shares_memory(first[0]["image"], second[0]["image"])
+
+
 def test_dihedral_views_are_the_eight_symmetries_of_the_square():
   image = np.arange(2 * 3 * 3).reshape(3, 3, 2)
   views = [trunk_cache.dihedral_view(image, k) for k in range(8)]
