@@ -5,15 +5,13 @@ The batch is random images and tokens plus every per-image field the model and t
 (so labels and metadata are realistic; only configs with fields need the dataset).
 """
 import functools
-import importlib.util
 import pathlib
 import time
 
 import jax
 import numpy as np
 
-from rsalign_jax import optimizers
-from rsalign_jax import experiment, train
+from rsalign_jax import configlib, experiment, optimizers, train
 from rsalign_jax.data import fields as fields_lib
 from rsalign_jax.data import sources
 from rsalign_jax.runtime import sharding as sharding_lib
@@ -24,10 +22,7 @@ _VOCAB = 250
 
 def load_config(name, arg=None):
   """`configs/<name>.py`'s get_config(arg)."""
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configlib.load_module(CONFIGS / f"{name}.py").get_config(arg)
 
 
 def time_train_step(config, image_size, steps=5):

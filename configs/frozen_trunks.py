@@ -26,8 +26,9 @@ with the training split as the banks, `evaluation/evaluators/querybank.py`; 0: n
 cached), `init_from=WORKDIR` (start from that trained run's heads and temperature, `rsalign_jax/weights/trained.py`:
 fine-tuning a tower under converged heads, linear probing then fine-tuning).
 """
-import importlib.util
 import os
+
+from rsalign_jax import configlib
 
 LR_SCALINGS = ("none", "sqrt")
 SAMPLINGS = ("per_image", "per_caption")
@@ -36,7 +37,6 @@ REFERENCE_BATCH = 128
 
 
 def get_config(arg=None):
-  from rsalign_jax import configlib  # pylint: disable=g-import-not-at-top
   arg = configlib.parse_arg(arg, positional="dataset", dataset="synthetic", manual_dir="", data_dir="", seed=0,
                             image_tower="lite0", image_size=224, views=8, epochs=50, batch=128, lr=1e-3,
                             lr_scaling="none", sampling="per_image", loss="softmax", block_size=0, qbnorm=10.0,
@@ -78,7 +78,4 @@ def get_config(arg=None):
 
 
 def _clip_module():
-  spec = importlib.util.spec_from_file_location("clip_config", os.path.join(os.path.dirname(__file__), "clip.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configlib.load_module(os.path.join(os.path.dirname(__file__), "clip.py"))

@@ -83,8 +83,4 @@ def get_config(arg=None):
 
 
 def load_method_config(name, arg):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return configlib.load_module(os.path.join(REPO, "configs", f"{name}.py")).get_config(arg)

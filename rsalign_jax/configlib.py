@@ -1,8 +1,17 @@
 """Helpers shared by `configs/*.py`: big_vision-style `get_config(arg)` argument parsing."""
+import importlib.util
 import json
 import os
 
 import ml_collections
+
+
+def load_module(path):
+  """The config file at `path` as a module (a config built on another one, the tests, the benchmarks)."""
+  spec = importlib.util.spec_from_file_location(f"config_{os.path.splitext(os.path.basename(path))[0]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg, *, positional=None, **defaults):

@@ -11,7 +11,6 @@ Training saves the resolved config as WORKDIR/config.json; eval, export, search 
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
 import difflib
-import importlib.util
 import re
 import sys
 
@@ -143,9 +142,7 @@ def _unknown_field(argv):
     return None
   path, _, arg = given[-1].partition(":")
   try:
-    spec = importlib.util.spec_from_file_location("config_of_the_command_line", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = configlib.load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
   except Exception:  # pylint: disable=broad-except  (the message falls back to ml_collections' own)
     return None

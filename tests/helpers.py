@@ -1,8 +1,9 @@
 """Shared test helpers: load a `configs/<name>.py:arg` config, point it at the session's tfds dir, override fields."""
-import importlib.util
 import pathlib
 import struct
 import sys
+
+from rsalign_jax import configlib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -10,10 +11,7 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def config_module(name):
   """The `configs/<name>.py` module itself (for its constants, or several `get_config` calls)."""
-  spec = importlib.util.spec_from_file_location(f"{name}_config", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configlib.load_module(CONFIGS / f"{name}.py")
 
 
 def load_config(name, arg=None):
