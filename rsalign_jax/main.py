@@ -6,7 +6,8 @@ Intentionally thin (as in the flax examples): flags, then an importable, tested 
   export  a split's image and caption embeddings with their ids (`modes.export`);
   search  free text -> top-k images, image file -> top-k captions or images (`modes.search`);
   zeroshot  scene classification from class-name prompts, top-1/top-5 accuracy (`modes.zeroshot`).
-With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std (`modes.seeds`).
+With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std (`modes.seeds`);
+`--ensemble` adds the seeds' models evaluated as one ensemble (`modes.ensemble`).
 Training saves the resolved config as WORKDIR/config.json; eval, export, search and zeroshot without --config use it.
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
@@ -20,7 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from rsalign_jax import configlib, train
-from rsalign_jax.modes import evaluate, export, search, seeds as seeds_lib, zeroshot
+from rsalign_jax.modes import ensemble, evaluate, export, search, seeds as seeds_lib, zeroshot
 from rsalign_jax.runtime import distributed
 from rsalign_jax.runtime import metric_writer
 from rsalign_jax.runtime import workdir_lock
@@ -35,6 +36,9 @@ _CHECKPOINT = flags.DEFINE_string(
     "zeroshot also 'init': the untrained model as config.init initialises it (imported weights, or random).")
 _SPLIT = flags.DEFINE_string("split", "", "eval/export/search gallery/zeroshot: dataset split (default: the test "
                              "split).")
+_ENSEMBLE = flags.DEFINE_bool(
+    "ensemble", False, "eval with --config.seeds: also the seeds' models as one ensemble, ranked by the mean of their "
+    "scores (modes.ensemble), written to WORKDIR/ensemble_<split>.json.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "export: output directory (default WORKDIR/export_<split>).")
 _QUERY = flags.DEFINE_multi_string("query", [], "search: a free-text query (repeatable); ranks gallery images.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "search: an image file (repeatable); ranks --targets.")
@@ -92,12 +96,18 @@ def _config():
 
 def _run(config, workdir, mode):
   seeds = tuple(config.get("seeds", ()))
+  if _ENSEMBLE.value and not (mode == "eval" and seeds):
+    raise app.UsageError("--ensemble evaluates the models of several seeds: use it with --mode=eval and "
+                         "--config.seeds=0,1,2 (their runs in WORKDIR/seed_<n>)")
   if mode == "train" and seeds:
     seeds_lib.train_seeds(config, workdir, seeds)
   elif mode == "train":
     train.train_and_evaluate(config, workdir)
   elif mode == "eval" and seeds:
     seeds_lib.evaluate_seeds(config, workdir, seeds, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
+    if _ENSEMBLE.value:
+      members = [(seeds_lib.seed_config(config, s), seeds_lib.seed_workdir(workdir, s)) for s in seeds]
+      ensemble.evaluate_ensemble(members, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
   elif mode == "eval":
     evaluate.evaluate(config, workdir, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
   elif mode == "export":

@@ -10,6 +10,7 @@ import types
 from typing import Any
 
 import flax.linen as nn
+from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,10 @@ from helpers import CONFIGS, disabled, run_main, runlocal_config
 from rsalign_jax import experiment
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.evaluation.evaluators import hash_retrieval
+from rsalign_jax.evaluation.evaluators import querybank as querybank_evaluator
 from rsalign_jax.similarity import cosine_similarity
 from rsalign_jax.models import base as model_base
-from rsalign_jax.modes import evaluate, export, search
+from rsalign_jax.modes import ensemble, evaluate, export, search
 from rsalign_jax.modes import seeds as seeds_lib
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import checkpointing
@@ -327,3 +329,53 @@ def test_command_line_mistakes_end_in_one_line_without_a_traceback(run, monkeypa
     run_main(monkeypatch, [f"--workdir={workdir}", "--mode=search", "--image=/absent.png"])
   assert exit_info.value.code == "error: --image=/absent.png: no such file"
   assert "Traceback" not in capsys.readouterr().err
+
+
+def _querybank_config(config):
+  """`config` with a querybank entry on the test split."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.evals.test_qbnorm = dict(type="querybank", split=config.dataset.test_split, at="end", beta=10.0)
+  return config
+
+
+def test_an_ensemble_of_one_model_twice_scores_as_that_model(run, tmp_path):
+  config, workdir, results = run
+  config = _querybank_config(config)
+  for seed in (0, 1):
+    shutil.copytree(workdir, tmp_path / f"seed_{seed}")
+  result = ensemble.evaluate_ensemble([(config, tmp_path / "seed_0"), (config, tmp_path / "seed_1")], str(tmp_path))
+  loaded = trained_lib.load(config, str(workdir))
+  with jax.set_mesh(loaded.setup.mesh):
+    normalised = querybank_evaluator.Evaluator(loaded.setup, "q", split=config.dataset.test_split).run(
+        loaded.variables, 0, None)
+  assert result["metrics"] == {"ensemble of 2": results["test"], "ensemble of 2, querybank β=10": normalised}
+  assert json.loads((tmp_path / "ensemble_test.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_an_ensemble_ranks_by_the_mean_of_its_members_scores(run, tmp_path):
+  config, workdir, _ = run
+  shutil.copytree(workdir, tmp_path / "at_4")
+  shutil.copytree(workdir, tmp_path / "at_2")
+  shutil.rmtree(tmp_path / "at_2" / "best")
+  shutil.rmtree(tmp_path / "at_2" / "checkpoints" / "4")  # its tested checkpoint: the last, step 2
+  result = ensemble.evaluate_ensemble([(config, tmp_path / "at_4"), (config, tmp_path / "at_2")], str(tmp_path))
+  similarities = []
+  for member in ("at_4", "at_2"):
+    loaded = trained_lib.load(config, str(tmp_path / member))
+    evaluator, r = loaded.setup.make_evaluator(config.dataset.test_split), loaded.setup.retrieval
+    with jax.set_mesh(loaded.setup.mesh):
+      similarities.append(evaluator.similarity(loaded.variables, r.score,
+                                               *evaluator.embeddings(loaded.variables, r.embed_images, r.embed_texts)))
+  assert loaded.step == 2 and not np.array_equal(*similarities)
+  expected = metrics_lib.retrieval_metrics((similarities[0] + similarities[1]) / 2, evaluator.index.record)
+  assert result["metrics"] == {"ensemble of 2": pytest.approx(expected)}
+
+
+def test_ensemble_refusals(run, trained_dual_encoder, monkeypatch):
+  config, workdir, _ = run
+  other_config, other_workdir, _ = trained_dual_encoder
+  with pytest.raises(ValueError, match=f"{other_workdir}: its test split .* differs from {workdir}'s"):
+    ensemble.evaluate_ensemble([(config, workdir), (other_config, other_workdir)], str(workdir))
+  with pytest.raises(app.UsageError, match="--ensemble evaluates the models of several seeds: use it with --mode=eval"):
+    run_main(monkeypatch, [f"--workdir={workdir}", "--mode=eval", "--ensemble"])
