@@ -48,7 +48,8 @@ def get_config(arg=None):
   clip = _clip_module()
   finetuned = tuple(filter(None, arg.finetune.split("+")))
   if set(finetuned) - set(clip.FROZEN_PARAMS):
-    raise ValueError(f"config arg finetune={arg.finetune!r}: expected '+'-joined towers of {sorted(clip.FROZEN_PARAMS)}")
+    raise ValueError(f"config arg finetune={arg.finetune!r}: expected '+'-joined towers of "
+                     f"{sorted(clip.FROZEN_PARAMS)}")
   frozen = "+".join(tower for tower in clip.FROZEN_PARAMS if tower not in finetuned)
   config = clip.get_config(f"{arg.dataset},image_tower={arg.image_tower},text_tower=bert,init=minilm,"
                            f"frozen={frozen},image_pool=mean_max,projection_hidden=2048,projection_dropout=0.5,"
