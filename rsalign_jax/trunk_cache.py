@@ -81,14 +81,15 @@ def fingerprint(config, tower: str) -> str:
 
 def _fills_frozen_parameters(entry, frozen_patterns) -> bool:
   """Whether an `init` entry may fill a parameter matching the optimizer's `frozen` regexes (the cached trunks'):
-  a trained workdir's entry (`weights.trained`) is read to list what it fills, any other entry counts as one."""
+  a trained workdir's entry (`weights.trained`) lists what it fills from its checkpoint's metadata, any other entry
+  counts as one."""
   if entry.get("format") != "trained.load" or not entry.get("checkpoint"):
     return True
   collection, _, within = f"{entry.get('into', '')}/".partition("/")
   if collection not in trained_weights.COLLECTIONS:
     return True
-  filled = trained_weights.load(entry["checkpoint"], collection=entry.get("collection", "params"),
-                                subtree=entry.get("subtree", ""))
+  filled = trained_weights.parameter_paths(entry["checkpoint"], collection=entry.get("collection", "params"),
+                                           subtree=entry.get("subtree", ""))
   # the frozen regexes name paths under `params`; BatchNorm statistics sit at the same paths under `batch_stats/`.
   prefix = within if collection == "params" else f"model/{within}"
   return any(re.fullmatch(pattern, prefix + path) for pattern in frozen_patterns for path in filled)

@@ -18,6 +18,7 @@ def test_load_reads_the_tested_checkpoints_parameters(trained_dual_encoder):
   heads = trained.load(str(workdir), subtree="model/image_projection")
   assert sorted(heads) == sorted(p.removeprefix("model/image_projection/") for p in expected
                                  if p.startswith("model/image_projection/"))
+  assert trained.parameter_paths(str(workdir), subtree="model/image_projection") == sorted(heads)
   assert trained.checkpoint_step_dir(str(workdir)) == trained.checkpoint_step_dir(
       trained.checkpoint_step_dir(str(workdir)))
 

@@ -46,28 +46,23 @@ def find_checkpoint(config, workdir, checkpoint=""):
     raise FileNotFoundError(f"--workdir={workdir}: no such directory; train first with --mode=train")
   if checkpoint not in CHECKPOINT_CHOICES:
     return _checkpoint_path(checkpoint)
-  best = _latest_step(os.path.join(workdir, "best"))
+  best = checkpointing.newest_step(os.path.join(workdir, "best"))
   if checkpoint == "best" or (not checkpoint and config.test_on_best and best is not None):
     if best is None:
       raise FileNotFoundError(f"--checkpoint=best: {workdir}/best holds no checkpoint (no validation has run)")
     return os.path.join(workdir, "best"), best, f"best val (step {best})"
-  last = _latest_step(os.path.join(workdir, "checkpoints"))
+  last = checkpointing.newest_step(os.path.join(workdir, "checkpoints"))
   if last is None:
     raise FileNotFoundError(f"--workdir={workdir}: no checkpoint in {workdir}/checkpoints or {workdir}/best; train "
                             "first with --mode=train")
   return os.path.join(workdir, "checkpoints"), last, "last"
 
 
-def _latest_step(directory):
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
-  return max(steps) if steps else None
-
-
 def _checkpoint_path(path):
   path = os.path.abspath(path)
   if os.path.basename(path).isdigit() and os.path.isdir(path):
     return os.path.dirname(path), int(os.path.basename(path)), path
-  step = _latest_step(path)
+  step = checkpointing.newest_step(path)
   if step is None:
     raise FileNotFoundError(f"--checkpoint={path}: expected 'best', 'last', a checkpoint directory (such as "
                             "WORKDIR/best) or one of its step directories (such as WORKDIR/checkpoints/400)")

@@ -10,6 +10,13 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def newest_step(directory):
+  """The largest step of `directory`'s completed checkpoints (its digit-named subdirectories; orbax renames a step
+  to its number only once written), or None."""
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+  return max(steps) if steps else None
+
+
 class Checkpointer:
   """Saves/restores {state, loader, meta} under one directory, keeping the newest `keep` steps.
 

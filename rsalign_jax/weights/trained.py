@@ -15,6 +15,7 @@ import os
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rsalign_jax.runtime import checkpointing
 from rsalign_jax.weights import common
 
 COLLECTIONS = ("params", "batch_stats")
@@ -26,25 +27,26 @@ def checkpoint_step_dir(path: str) -> str:
   if os.path.isdir(os.path.join(path, "state")):
     return path
   for directory in (os.path.join(path, "best"), os.path.join(path, "checkpoints"), path):
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-    if steps:
-      return os.path.join(directory, str(max(steps)))
+    step = checkpointing.newest_step(directory)
+    if step is not None:
+      return os.path.join(directory, str(step))
   raise FileNotFoundError(f"{path}: no trained checkpoint (expected a workdir with best/ or checkpoints/ steps, or a "
                           "step directory holding state/)")
+
+
+def parameter_paths(checkpoint: str, collection: str = "params", subtree: str = "") -> list[str]:
+  """The paths `load` returns, read from the checkpoint's metadata (no array is read)."""
+  step_dir = checkpoint_step_dir(checkpoint)
+  tree = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata
+  return sorted(_select(step_dir, tree, collection, subtree))
 
 
 def load(checkpoint: str, expected=None, collection: str = "params", subtree: str = "") -> dict[str, np.ndarray]:
   """{path: array} of the checkpoint's `collection` ('params' or 'batch_stats'), its '/'-path `subtree` ('' for all
   of it), checked against `expected`."""
-  if collection not in COLLECTIONS:
-    raise ValueError(f"trained.load collection={collection!r}: expected one of {COLLECTIONS}")
   step_dir = checkpoint_step_dir(checkpoint)
   state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-  prefix = f"{subtree}/" if subtree else ""
-  flat = {path[len(prefix):]: np.asarray(value) for path, value in common.flatten(state.get(collection) or {}).items()
-          if path.startswith(prefix)}
-  if not flat:
-    raise common.WeightsMismatchError(f"{step_dir}: no {collection} under {subtree!r}")
+  flat = {path: np.asarray(value) for path, value in _select(step_dir, state, collection, subtree).items()}
   if expected is not None:
     wanted = {path: tuple(leaf.shape) for path, leaf in common.flatten(expected).items()}
     absent = sorted(set(flat) - set(wanted))
@@ -54,3 +56,15 @@ def load(checkpoint: str, expected=None, collection: str = "params", subtree: st
           f"{step_dir}: {collection} not in the model: {absent[:5]}; at other shapes: "
           f"{[(p, flat[p].shape, wanted[p]) for p in reshaped[:5]]}")
   return flat
+
+
+def _select(step_dir, state, collection, subtree):
+  """{path below `subtree`: leaf} of the restored (or metadata) `state`'s `collection`."""
+  if collection not in COLLECTIONS:
+    raise ValueError(f"trained.load collection={collection!r}: expected one of {COLLECTIONS}")
+  prefix = f"{subtree}/" if subtree else ""
+  selected = {path[len(prefix):]: leaf for path, leaf in common.flatten(state.get(collection) or {}).items()
+              if path.startswith(prefix)}
+  if not selected:
+    raise common.WeightsMismatchError(f"{step_dir}: no {collection} under {subtree!r}")
+  return selected

@@ -25,26 +25,28 @@ class Evaluator:
     self._bank = setup.make_evaluator(bank_split or setup.config.dataset.train_split)
     self._beta, self._dynamic = beta, dynamic
 
+  @property
+  def beta(self):
+    return self._beta
+
   def run(self, variables, step, writer):
     del writer  # `evaluators.run` writes the metrics
-    scores = bank_scores(self._evaluator, self._bank, self._retrieval, variables)
-    metrics = normalised_metrics(self._evaluator, *scores, beta=self._beta, dynamic=self._dynamic)
+    metrics = self.normalised_metrics(*self.bank_scores(variables))
     retrieval.log("%s @%d: %s", self.name, step, ", ".join(f"{k} {metrics[k]:.2f}" for k in retrieval.SUMMARY))
     return metrics
 
+  def bank_scores(self, variables):
+    """(split images x distinct captions, split images x bank captions, bank images x distinct captions) scores."""
+    evaluator, r = self._evaluator, self._retrieval
+    images, texts = evaluator.embeddings(variables, r.embed_images, r.embed_texts)
+    bank_images, bank_texts = self._bank.embeddings(variables, r.embed_images, r.embed_texts)
+    return (evaluator.scores(variables, r.score, images, texts),
+            evaluator.scores(variables, r.score, images, bank_texts, "scoring the caption bank"),
+            evaluator.scores(variables, r.score, bank_images, texts, "scoring the image bank"))
 
-def bank_scores(evaluator, bank, r, variables):
-  """(split images x distinct captions, split images x bank captions, bank images x distinct captions) scores."""
-  images, texts = evaluator.embeddings(variables, r.embed_images, r.embed_texts)
-  bank_images, bank_texts = bank.embeddings(variables, r.embed_images, r.embed_texts)
-  return (evaluator.scores(variables, r.score, images, texts),
-          evaluator.scores(variables, r.score, images, bank_texts, "scoring the caption bank"),
-          evaluator.scores(variables, r.score, bank_images, texts, "scoring the image bank"))
-
-
-def normalised_metrics(evaluator, sim, text_bank, image_bank, *, beta, dynamic=True):
-  """The retrieval metrics of `evaluator`'s split from `bank_scores`' three matrices, normalised."""
-  i2t = querybank.normalise(sim, image_bank, beta, dynamic)
-  t2i = querybank.normalise(sim.T, text_bank.T, beta, dynamic).T
-  return metrics_lib.retrieval_metrics(evaluator.caption_columns(i2t), evaluator.index.record,
-                                       t2i_sim=evaluator.caption_columns(t2i))
+  def normalised_metrics(self, sim, text_bank, image_bank):
+    """The split's retrieval metrics from `bank_scores`' three matrices (of one model, or an ensemble's means)."""
+    i2t = querybank.normalise(sim, image_bank, self._beta, self._dynamic)
+    t2i = querybank.normalise(sim.T, text_bank.T, self._beta, self._dynamic).T
+    return metrics_lib.retrieval_metrics(self._evaluator.caption_columns(i2t), self._evaluator.index.record,
+                                         t2i_sim=self._evaluator.caption_columns(t2i))
