@@ -7,7 +7,8 @@ Intentionally thin (as in the flax examples): flags, then an importable, tested 
   search  free text -> top-k images, image file -> top-k captions or images (`modes.search`);
   zeroshot  scene classification from class-name prompts, top-1/top-5 accuracy (`modes.zeroshot`).
 With `--config.seeds=0,1,2`, train and eval run every seed in WORKDIR/seed_<n> and report mean +- std (`modes.seeds`);
-`--ensemble` adds the seeds' models evaluated as one ensemble (`modes.ensemble`).
+`--ensemble` adds the seeds' models evaluated as one ensemble (`modes.ensemble`); `--mode=eval --ensemble
+--members=W1,W2` ensembles trained workdirs of any configs (seeds workdirs: one ensemble per seed, mean +- std).
 Training saves the resolved config as WORKDIR/config.json; eval, export, search and zeroshot without --config use it.
 Multi-process jobs join the distributed system first (`runtime.distributed`), before any other JAX call.
 """
@@ -38,7 +39,11 @@ _SPLIT = flags.DEFINE_string("split", "", "eval/export/search gallery/zeroshot: 
                              "split).")
 _ENSEMBLE = flags.DEFINE_bool(
     "ensemble", False, "eval with --config.seeds: also the seeds' models as one ensemble, ranked by the mean of their "
-    "scores (modes.ensemble), written to WORKDIR/ensemble_<split>.json.")
+    "scores (modes.ensemble), written to WORKDIR/ensemble_<split>.json; with --members: those workdirs' models.")
+_MEMBERS = flags.DEFINE_list(
+    "members", [], "eval --ensemble: trained workdirs to ensemble, each restored with its saved config (e.g. runs "
+    "at two input sizes); seeds workdirs (runs in seed_<n>) give one ensemble per seed and their mean ± std. "
+    "Needs no --config.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "export: output directory (default WORKDIR/export_<split>).")
 _QUERY = flags.DEFINE_multi_string("query", [], "search: a free-text query (repeatable); ranks gallery images.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "search: an image file (repeatable); ranks --targets.")
@@ -74,7 +79,10 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value)
   metric_writer.quiet_library_info_logs()
   try:
-    _run(_config(), _WORKDIR.value, _MODE.value)
+    if _MEMBERS.value:
+      _ensemble_members()
+    else:
+      _run(_config(), _WORKDIR.value, _MODE.value)
   except USER_ERRORS as e:
     logging.debug("where the error was raised", exc_info=True)
     sys.exit(f"error: {e}")
@@ -92,6 +100,13 @@ def _config():
   if _MODE.value == "train":
     raise app.UsageError("--config is required to train, e.g. --config=configs/hvsa.py")
   return configlib.load_resolved(_WORKDIR.value)
+
+
+def _ensemble_members():
+  if not (_MODE.value == "eval" and _ENSEMBLE.value) or _CONFIG.value is not None:
+    raise app.UsageError("--members names the workdirs of an ensemble: use it with --mode=eval --ensemble and no "
+                         "--config (each member's saved config is used)")
+  ensemble.evaluate_members(_MEMBERS.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
 
 
 def _run(config, workdir, mode):

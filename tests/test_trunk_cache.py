@@ -3,16 +3,17 @@ is the same optimisation as recomputing the frozen towers every step, and the ca
 import json
 import shutil
 
+from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import disabled, runlocal_config
+from helpers import disabled, run_main, runlocal_config
 import rsalign_jax
 from rsalign_jax import experiment, train, trunk_cache
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
-from rsalign_jax.modes import export, search
+from rsalign_jax.modes import ensemble, export, search
 from rsalign_jax.modes import trained as trained_lib
 from rsalign_jax.runtime import sharding as sharding_lib
 
@@ -69,6 +70,59 @@ def test_cache_files_one_per_tower_and_split_and_reused(runs, tmp_path_factory, 
     train.train_and_evaluate(config, str(tmp_path_factory.mktemp("again")))
   assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")} == stamps
   assert "trunk cache: wrote" not in caplog.text
+
+
+def _with_querybank(config):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.evals.test_qbnorm = dict(type="querybank", split=config.dataset.test_split, at="end", beta=10.0)
+  return config
+
+
+def test_an_ensemble_of_a_cached_and_a_recomputing_run_aligns_their_captions(runs, tmp_path):
+  """The two runs (one model) key the split's distinct captions differently, by cache row and by token ids: their
+  ensemble scores as either alone, plain and querybank-normalised."""
+  _, results = runs
+  members = [(_with_querybank(config), workdir) for config, workdir, _ in (results["cached"], results["uncached"])]
+  cached, uncached = (trained_lib.load(c, str(w)).setup.make_evaluator("test") for c, w in members)
+  columns = cached.distinct_columns_of(uncached)
+  assert not np.array_equal(columns, np.arange(len(columns)))
+  pair = ensemble.evaluate_ensemble(members, str(tmp_path))["metrics"]
+  alone = ensemble.evaluate_ensemble(members[1:], str(tmp_path))["metrics"]
+  for (pair_name, pair_row), alone_row in zip(pair.items(), alone.values(), strict=True):
+    for key, value in alone_row.items():
+      assert pair_row[key] == pytest.approx(value, abs=1e-4), (pair_name, key)
+
+
+def test_an_ensemble_of_seeds_workdirs_one_seed_at_a_time(runs, tmp_path, monkeypatch):
+  """`--members` of two seeds workdirs (seed_0, seed_1): one ensemble per seed, mean ± std over the seeds."""
+  _, results = runs
+  for name in ("cached", "uncached"):
+    for seed in (0, 1):
+      shutil.copytree(results[name][1], tmp_path / name / f"seed_{seed}")
+  run_main(monkeypatch, [f"--workdir={tmp_path / 'ensemble'}", "--mode=eval", "--ensemble",
+                         f"--members={tmp_path / 'cached'},{tmp_path / 'uncached'}"])
+  report = json.loads((tmp_path / "ensemble" / "ensemble_test.json").read_text())
+  summary = report["metrics"]["ensemble of 2"]
+  assert report["seeds"] == [0, 1] and list(summary["runs"]) == ["0", "1"]
+  assert report["members"]["1"] == [str(tmp_path / "cached" / "seed_1"), str(tmp_path / "uncached" / "seed_1")]
+  for key, value in results["uncached"][2]["test"].items():
+    assert summary["mean"][key] == pytest.approx(value, abs=1e-4) and summary["std"][key] == pytest.approx(0), key
+  assert "ensemble of 2: mean ± std (2 seeds)" in report["table"]
+
+
+def test_ensemble_members_refusals(runs, tmp_path, monkeypatch):
+  _, results = runs
+  trained_run = str(results["cached"][1])
+  shutil.copytree(trained_run, tmp_path / "seeds" / "seed_0")
+  with pytest.raises(ValueError, match=f"--members: {tmp_path / 'seeds'} holds the runs of seeds 0, {trained_run} a "
+                                       "trained run; the members must be trained runs, or seeds workdirs of the same"):
+    ensemble.member_runs([trained_run, str(tmp_path / "seeds")])
+  with pytest.raises(FileNotFoundError, match=f"--members: {tmp_path} holds neither a trained run"):
+    ensemble.member_runs([str(tmp_path)])
+  with pytest.raises(app.UsageError, match="--members names the workdirs of an ensemble: use it with --mode=eval "
+                                           "--ensemble and no --config"):
+    run_main(monkeypatch, [f"--workdir={tmp_path}", "--mode=eval", f"--members={trained_run}"])
 
 
 def test_export_and_search_on_cached_trunks_match_the_recomputing_run(runs, tmp_path):

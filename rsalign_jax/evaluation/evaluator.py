@@ -93,6 +93,17 @@ class RetrievalEvaluator:
         progress.update(len(blocks[-1]))
     return np.concatenate(blocks)
 
+  def distinct_columns_of(self, other):
+    """Indices of `other`'s distinct-caption columns in this evaluator's order (`other_scores[..., indices]`), for
+    scores of one split from two models whose captions are keyed differently (token ids, or rows of a trunk cache)."""
+    indices = np.zeros(len(self._unique_lengths), np.int64)
+    indices[self._caption_to_unique] = other._caption_to_unique
+    if (len(other._unique_lengths) != len(indices) or
+        not np.array_equal(indices[self._caption_to_unique], other._caption_to_unique)):
+      raise ValueError(f"{self._name}: the two models see different distinct captions ({len(indices)} and "
+                       f"{len(other._unique_lengths)}, or grouped differently); their scores cannot be compared")
+    return indices
+
   def caption_columns(self, distinct_caption_scores):
     """(..., distinct captions) -> (..., captions): each caption takes its distinct string's column."""
     return distinct_caption_scores[..., self._caption_to_unique]

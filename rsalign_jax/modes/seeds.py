@@ -54,17 +54,28 @@ def evaluate_seeds(config, workdir, seeds, *, checkpoint="", split=""):
 
 def summarize(config, workdir, runs, split):
   """Mean and std of every metric over seeds: printed as a table, written to WORKDIR/seeds_<split>.json and .md."""
-  keys = list(next(iter(runs.values())))
-  values = {k: np.asarray([run[k] for run in runs.values()], np.float64) for k in keys}
-  mean = {k: float(v.mean()) for k, v in values.items()}
-  std = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
-  rows = {f"seed {seed}": {k: f"{run[k]:.2f}" for k in TABLE_KEYS} for seed, run in runs.items()}
-  rows[f"mean ± std ({len(runs)} seeds)"] = {k: f"{mean[k]:.2f} ± {std[k]:.2f}" for k in TABLE_KEYS}
-  table = format_rows(rows, title=f"{config.model_name}, {config.dataset.name} {split}")
+  mean, std = mean_std(runs)
+  table = format_rows(seed_rows(runs, mean, std), title=f"{config.model_name}, {config.dataset.name} {split}")
   result = {"split": split, "dataset": config.dataset.name, "model": config.model_name, "seeds": list(runs),
             "runs": {str(seed): run for seed, run in runs.items()}, "mean": mean, "std": std, "table": table}
   evaluate.write_report(workdir, f"seeds_{split}", result, table)
   return result
+
+
+def mean_std(runs):
+  """({metric: mean}, {metric: sample std}) over the seeds' metrics {seed: {metric: value}}."""
+  keys = list(next(iter(runs.values())))
+  values = {k: np.asarray([run[k] for run in runs.values()], np.float64) for k in keys}
+  mean = {k: float(v.mean()) for k, v in values.items()}
+  std = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
+  return mean, std
+
+
+def seed_rows(runs, mean, std, label=""):
+  """`format_rows`' rows: one per seed, then mean ± std; `label` prefixes every row's name."""
+  rows = {f"{label}seed {seed}": {k: f"{run[k]:.2f}" for k in TABLE_KEYS} for seed, run in runs.items()}
+  rows[f"{label}mean ± std ({len(runs)} seeds)"] = {k: f"{mean[k]:.2f} ± {std[k]:.2f}" for k in TABLE_KEYS}
+  return rows
 
 
 def format_rows(rows, title=""):

@@ -44,6 +44,13 @@ class Evaluator:
             evaluator.scores(variables, r.score, images, bank_texts, "scoring the caption bank"),
             evaluator.scores(variables, r.score, bank_images, texts, "scoring the image bank"))
 
+  def aligned(self, other, scores):
+    """`other`'s `bank_scores` (another model's, on the same split and bank) with their columns in this evaluator's
+    caption order, so that the two models' scores can be added."""
+    split_columns = self._evaluator.distinct_columns_of(other._evaluator)
+    sim, text_bank, image_bank = scores
+    return sim[:, split_columns], text_bank[:, self._bank.distinct_columns_of(other._bank)], image_bank[:, split_columns]
+
   def normalised_metrics(self, sim, text_bank, image_bank):
     """The split's retrieval metrics from `bank_scores`' three matrices (of one model, or an ensemble's means)."""
     i2t = querybank.normalise(sim, image_bank, self._beta, self._dynamic)
