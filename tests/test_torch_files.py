@@ -172,23 +172,29 @@ def _install_weight_packages(root):
 
 def test_the_real_data_recipe_trains_on_a_ucm_layout_in_a_process_without_torch(tmp_path):
   """configs/frozen_trunks.py (Lite0 + MiniLM from their pip packages, cached trunks, MLP heads) on a fixture in
-  UCM-Captions' published layout: it builds the dataset, computes the cache, trains and evaluates, without torch."""
+  UCM-Captions' published layout, without torch: it builds the dataset, computes the cache, trains and evaluates;
+  then the recipe's second stage (MiniLM fine-tuned under those heads) and the ensemble of the two runs."""
   image_checkpoint, text_checkpoint = _install_weight_packages(tmp_path / "weights")
   entries = [_entry(f"{i + 1}.tif", i, "train" if i < 18 else "test", [f"scene {i} caption {k}" for k in range(5)])
              for i in range(21)]
   _write_karpathy(tmp_path / "UCM", "dataset.json", "imgs", entries, "TIFF")
-  workdir = tmp_path / "workdir"
+  workdir, finetuned, ensemble_dir = tmp_path / "workdir", tmp_path / "finetuned", tmp_path / "ensemble"
   arg = f"ucm,views=1,image_size=32,manual_dir={tmp_path / 'UCM'},data_dir={tmp_path / 'tfds'}"
-  flags = [f"--config=configs/frozen_trunks.py:{arg}", f"--workdir={workdir}", "--config.input.batch_size=2",
-           "--config.total_steps=2", "--config.log_every_steps=1", "--config.evals.random_init.enabled=False"]
+  steps = ["--config.input.batch_size=2", "--config.total_steps=2", "--config.log_every_steps=1",
+           "--config.evals.random_init.enabled=False"]
   without_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'rsalign_jax.main'; "
                    "runpy.run_module('rsalign_jax.main', run_name='__main__', alter_sys=True)")
   python_path = [str(tmp_path / "weights"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(python_path),
              XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")))
-  run = subprocess.run([sys.executable, "-c", without_torch, *flags], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
+
+  def main(*flags):
+    run = subprocess.run([sys.executable, "-c", without_torch, *flags], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+  run = main(f"--config=configs/frozen_trunks.py:{arg}", f"--workdir={workdir}", *steps)
   # The importers read both packaged files (and only they hold these unused entries).
   assert f"{image_checkpoint}: 1 checkpoint entries not used by the model: _bn0.num_batches_tracked" in run.stderr
   assert f"{text_checkpoint}: 1 checkpoint entries not used by the model: embeddings.position_ids" in run.stderr
@@ -199,3 +205,10 @@ def test_the_real_data_recipe_trains_on_a_ucm_layout_in_a_process_without_torch(
   results = json.loads((workdir / "results.json").read_text())
   assert results["test_images"] == 3
   assert_consistent_results(results)
+  main(f"--config=configs/frozen_trunks.py:{arg},finetune=text,init_from={workdir}", f"--workdir={finetuned}", *steps)
+  assert_consistent_results(json.loads((finetuned / "results.json").read_text()))
+  main("--mode=eval", "--ensemble", f"--members={workdir},{finetuned}", f"--workdir={ensemble_dir}")
+  report = json.loads((ensemble_dir / "ensemble_test.json").read_text())
+  assert report["members"] == [str(workdir), str(finetuned)]
+  assert list(report["metrics"]) == ["ensemble of 2", "ensemble of 2, querybank β=10"]
+  assert_consistent_results({"test": report["metrics"]["ensemble of 2"]})
