@@ -103,3 +103,11 @@ def assert_consistent_results(results):
   assert abs(test["mR"] - sum(recalls) / 6) < 1e-6 and abs(test["rsum"] - sum(recalls)) < 1e-6, test
   if results.get("random_init") is not None:
     assert results["random_init"] != test
+
+
+def with_querybank(config):
+  """`config` with a querybank entry on the test split (`evaluation/evaluators/querybank.py`)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.evals.test_qbnorm = dict(type="querybank", split=config.dataset.test_split, at="end", beta=10.0)
+  return config

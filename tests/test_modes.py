@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 from tensorboardX.proto import event_pb2
 
-from helpers import CONFIGS, disabled, run_main, runlocal_config
+from helpers import CONFIGS, disabled, run_main, runlocal_config, with_querybank
 from rsalign_jax import experiment
 from rsalign_jax.evaluation import metrics as metrics_lib
 from rsalign_jax.evaluation.evaluators import hash_retrieval
@@ -331,17 +331,9 @@ def test_command_line_mistakes_end_in_one_line_without_a_traceback(run, monkeypa
   assert "Traceback" not in capsys.readouterr().err
 
 
-def _querybank_config(config):
-  """`config` with a querybank entry on the test split."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.evals.test_qbnorm = dict(type="querybank", split=config.dataset.test_split, at="end", beta=10.0)
-  return config
-
-
 def test_an_ensemble_of_one_model_twice_scores_as_that_model(run, tmp_path):
   config, workdir, results = run
-  config = _querybank_config(config)
+  config = with_querybank(config)
   for seed in (0, 1):
     shutil.copytree(workdir, tmp_path / f"seed_{seed}")
   result = ensemble.evaluate_ensemble([(config, tmp_path / "seed_0"), (config, tmp_path / "seed_1")], str(tmp_path))

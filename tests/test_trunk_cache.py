@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import disabled, run_main, runlocal_config
+from helpers import disabled, run_main, runlocal_config, with_querybank
 import rsalign_jax
 from rsalign_jax import experiment, train, trunk_cache
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
@@ -72,18 +72,11 @@ def test_cache_files_one_per_tower_and_split_and_reused(runs, tmp_path_factory, 
   assert "trunk cache: wrote" not in caplog.text
 
 
-def _with_querybank(config):
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.evals.test_qbnorm = dict(type="querybank", split=config.dataset.test_split, at="end", beta=10.0)
-  return config
-
-
 def test_an_ensemble_of_a_cached_and_a_recomputing_run_aligns_their_captions(runs, tmp_path):
   """The two runs (one model) key the split's distinct captions differently, by cache row and by token ids: their
   ensemble scores as either alone, plain and querybank-normalised."""
   _, results = runs
-  members = [(_with_querybank(config), workdir) for config, workdir, _ in (results["cached"], results["uncached"])]
+  members = [(with_querybank(config), workdir) for config, workdir, _ in (results["cached"], results["uncached"])]
   cached, uncached = (trained_lib.load(c, str(w)).setup.make_evaluator("test") for c, w in members)
   columns = cached.distinct_columns_of(uncached)
   assert not np.array_equal(columns, np.arange(len(columns)))
