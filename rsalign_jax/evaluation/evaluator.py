@@ -44,7 +44,14 @@ class RetrievalEvaluator:
   def num_images(self):
     return self.index.num_images
 
+  def release_inputs(self):
+    """Frees the split's images (decoded, or a frozen trunk's cached outputs) when no more embeddings are needed; the
+    index and caption columns stay, for scores already computed (an ensemble keeps its first member's)."""
+    self._source = self._images = self._image_fields = None
+
   def _image_batches(self):
+    if self._source is None:
+      raise RuntimeError(f"{self._name}: the evaluator's inputs were released; build another to embed the split")
     if self._images is not None:
       yield from _batches(self._images, self._batch_size)
       return

@@ -64,8 +64,10 @@ def _ensemble_metrics(members, *, checkpoint, split):
   for member_config, member_workdir in members:
     evaluator, normaliser, scores = member_scores(trained_lib.load(member_config, member_workdir, checkpoint), split,
                                                   entry)
-    if reference is None:
+    if reference is None:  # kept for its caption columns: its images are freed before the next member loads
       reference = evaluator, normaliser
+      for kept in filter(None, reference):
+        kept.release_inputs()
     elif member_config.dataset.name != config.dataset.name or not np.array_equal(evaluator.index.record,
                                                                                   reference[0].index.record):
       raise ValueError(f"{member_workdir}: its {split} split ({member_config.dataset.name}, {evaluator.num_images} "

@@ -44,6 +44,11 @@ class Evaluator:
             evaluator.scores(variables, r.score, images, bank_texts, "scoring the caption bank"),
             evaluator.scores(variables, r.score, bank_images, texts, "scoring the image bank"))
 
+  def release_inputs(self):
+    """Frees the split's and the banks' images (`RetrievalEvaluator.release_inputs`)."""
+    self._evaluator.release_inputs()
+    self._bank.release_inputs()
+
   def aligned(self, other, scores):
     """`other`'s `bank_scores` (another model's, on the same split and bank) with their columns in this evaluator's
     caption order, so that the two models' scores can be added."""
