@@ -24,7 +24,8 @@ rsicd_aid150's validation split; > 0 adds `val_qbnorm` and `test_qbnorm` end ent
 with the training split as the banks, `evaluation/evaluators/querybank.py`; 0: none), `finetune=text|image|image+text`
 (those towers trained end to end at `finetune_lr_mult` (0.2) times the heads' lr, the others still frozen and
 cached), `init_from=WORKDIR` (start from that trained run's heads and temperature, `rsalign_jax/weights/trained.py`:
-fine-tuning a tower under converged heads, linear probing then fine-tuning).
+fine-tuning a tower under converged heads, linear probing then fine-tuning), `eval_views=N` (1; test-time
+augmentation: each evaluated image scores the mean over its first N dihedral views, read from the trunk cache).
 """
 import os
 
@@ -40,7 +41,7 @@ def get_config(arg=None):
   arg = configlib.parse_arg(arg, positional="dataset", dataset="synthetic", manual_dir="", data_dir="", seed=0,
                             image_tower="lite0", image_size=224, views=8, epochs=50, batch=128, lr=1e-3,
                             lr_scaling="none", sampling="per_image", loss="softmax", block_size=0, qbnorm=10.0,
-                            finetune="", finetune_lr_mult=0.2, init_from="")
+                            finetune="", finetune_lr_mult=0.2, init_from="", eval_views=1)
   for name, value, allowed in (("sampling", arg.sampling, SAMPLINGS), ("loss", arg.loss, LOSSES),
                                ("lr_scaling", arg.lr_scaling, LR_SCALINGS)):
     if value not in allowed:
@@ -71,6 +72,7 @@ def get_config(arg=None):
   if arg.block_size:
     config.loss.impl, config.loss.block_size = "ring", arg.block_size
   config.checkpoint_every_steps = 200
+  config.eval_views = arg.eval_views
   if arg.qbnorm > 0:
     for name in ("val", "test"):
       config.evals[f"{name}_qbnorm"] = dict(type="querybank", split=config.evals[name].split, at="end",

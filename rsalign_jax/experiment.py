@@ -20,7 +20,7 @@ import optax
 
 from rsalign_jax import input_spec, optimizers
 from rsalign_jax import trunk_cache as trunk_cache_lib
-from rsalign_jax.data import pipeline, sources
+from rsalign_jax.data import pipeline, preprocessing, sources
 from rsalign_jax.data import splits as splits_lib
 from rsalign_jax.data.tokenizers import ClipBpeTokenizer, WordPieceTokenizer, WordVocab
 from rsalign_jax.evaluation import evaluator as evaluator_lib
@@ -253,7 +253,17 @@ class Setup:
     """Split `split`'s `RetrievalEvaluator`, built on first use and kept: a run's evaluators of one split share it
     (and the decoded images it keeps)."""
     if split not in self.evaluators:
-      self.evaluators[split] = evaluator_lib.RetrievalEvaluator(self.split(split), pp_spec=self.pp_eval,
+      views = eval_views(self.config)
+      pp = self.pp_eval
+      if views > 1 and self._cached("image"):
+        cached = self.config.trunk_cache.views
+        if split == self.config.dataset.train_split and views > cached:
+          raise ValueError(f"eval_views={views} exceeds trunk_cache.views={cached}: the training split's cached "
+                           f"images (e.g. a query bank's) hold {cached} views each")
+        pp = f"views({views})"
+      elif views > 1:
+        pp = f"{pp}|dihedral_views({views})"
+      self.evaluators[split] = evaluator_lib.RetrievalEvaluator(self.split(split), pp_spec=pp, views=views,
                                                                 batch_size=self.config.eval_batch_size,
                                                                 mesh=self.mesh)
     return self.evaluators[split]
@@ -281,6 +291,15 @@ class Setup:
         fields=batch_fields(config, self.model, self.objective))
 
 
+def eval_views(config):
+  """`config.eval_views` (1 in configs saved before it existed), checked."""
+  views = config.get("eval_views", 1)
+  if not 1 <= views <= preprocessing.DIHEDRAL_VIEWS:
+    raise ValueError(f"eval_views={views}: expected 1..{preprocessing.DIHEDRAL_VIEWS} dihedral views of each "
+                     "evaluated image (1: the image alone)")
+  return views
+
+
 def read_train_split(config):
   """(records, CaptionIndex) of the training split."""
   source = sources.open_split(config.dataset, config.dataset.train_split)
@@ -296,6 +315,7 @@ def build_setup(config, workdir, mesh, *, training=True):
   trunks of a trunk cache); otherwise those saved files are read and the dataset is opened only if a split is
   asked for (`Setup.split`), so a copied workdir embeds texts and image files alone.
   """
+  views = eval_views(config)
   spec = None if training else input_spec.InputSpec.load(workdir)
   train_data = None if spec else read_train_split(config)
   vocab = load_tokenizer(config, train_data[1].captions if train_data else None, workdir)
@@ -316,7 +336,7 @@ def build_setup(config, workdir, mesh, *, training=True):
     full_model, full_example = model, example
     model = build_model(config, vocab.size, precomputed=trunk_cache_lib.cached_towers(config))
     cache = trunk_cache_lib.TrunkCache(config, full_model, functools.partial(
-        _trunk_variables, full_model, config, full_example, workdir), vocab)
+        _trunk_variables, full_model, config, full_example, workdir), vocab, eval_views=views)
     if training:
       cache.variables()  # computed (and saved in the workdir) now, so the workdir embeds new inputs alone
     example = {**example, **_trunk_example(full_model, full_example, cache.towers)}

@@ -8,7 +8,8 @@ the model with `precomputed=<the frozen towers>`, whose towers read those output
 
 Images: the eval preprocessing (`input.pp_eval`), then for the training split V dihedral views (rotations by 0, 90,
 180, 270 degrees, then their mirror images; aerial scenes have no canonical orientation), of which each training
-step draws one at random; val and test keep the plain view. So `input.pp_train` is not used: the V views are the
+step draws one at random; val and test keep the plain view (their first `config.eval_views` views, in
+`{split}.{N}views.npz`, for test-time augmentation). So `input.pp_train` is not used: the V views are the
 augmentation. Captions: one output per distinct string (identical captions tie exactly, as the evaluator wants).
 
 Files: `{trunk_cache.dir}/{tower}-{fingerprint}/{split}.npz` in `trunk_cache.dtype` (float16 by default: half the
@@ -34,7 +35,6 @@ from rsalign_jax.runtime import sharding
 from rsalign_jax.weights import trained as trained_weights
 
 log = metric_writer.log
-MAX_VIEWS = 8
 TRAIN_PP, EVAL_PP = "random_view", "view(0)"  # the preprocessing of cached image inputs
 
 
@@ -45,19 +45,14 @@ def enabled(config) -> bool:
 def cached_towers(config) -> tuple[str, ...]:
   """The towers whose trunk outputs are cached: the frozen ones (an error if none is, or views is out of range)."""
   views = config.trunk_cache.views
-  if not 1 <= views <= MAX_VIEWS:
-    raise ValueError(f"trunk_cache.views={views}: expected 1..{MAX_VIEWS} dihedral views (0 turns caching off)")
+  if not 1 <= views <= preprocessing.DIHEDRAL_VIEWS:
+    raise ValueError(f"trunk_cache.views={views}: expected 1..{preprocessing.DIHEDRAL_VIEWS} dihedral views (0 turns "
+                     "caching off)")
   frozen = tuple(t for t in model_base.TOWER_NAMES if t in config.model.get("frozen", ()))
   if not frozen:
     raise ValueError("trunk_cache.views > 0 caches frozen towers' outputs, but model.frozen names none; freeze "
                      "the image and/or text tower (e.g. frozen=image+text) or set trunk_cache.views=0")
   return frozen
-
-
-def dihedral_view(image: np.ndarray, k: int) -> np.ndarray:
-  """View k of an HWC image: rotation by 90k degrees (k < 4), then mirrored left-right for k >= 4."""
-  rotated = np.rot90(image, k % 4)
-  return np.ascontiguousarray(rotated[:, ::-1] if k >= 4 else rotated)
 
 
 def fingerprint(config, tower: str) -> str:
@@ -140,9 +135,10 @@ class CachedTexts:
 class TrunkCache:
   """Loads or computes the cached trunk outputs of a config's frozen towers, split by split."""
 
-  def __init__(self, config, full_model, trunk_variables_fn, vocab):
+  def __init__(self, config, full_model, trunk_variables_fn, vocab, *, eval_views=1):
     """full_model: the model with its trunks (`precomputed=()`); trunk_variables_fn: () -> its variables with the
-    pretrained trunks (called only when something must be computed); vocab: the real tokenizer."""
+    pretrained trunks (called only when something must be computed); vocab: the real tokenizer; eval_views: the
+    dihedral views of each val/test image to cache (test-time augmentation)."""
     if jax.process_count() > 1:
       raise ValueError("trunk_cache.views > 0 runs in one process (the cache is computed and read locally); "
                        "set trunk_cache.views=0 for multi-process training")
@@ -155,7 +151,7 @@ class TrunkCache:
     self._config, self._variables_fn, self._vocab = config, trunk_variables_fn, vocab
     self._variables = None
     self._loaded = {}  # path -> its arrays
-    self._views = config.trunk_cache.views
+    self._views, self._eval_views = config.trunk_cache.views, eval_views
     self._dtype = np.dtype(config.trunk_cache.get("dtype", "float16"))
     if self._dtype not in (np.float16, np.float32):
       raise ValueError(f"trunk_cache.dtype={config.trunk_cache.dtype!r}: expected 'float16' or 'float32'")
@@ -170,12 +166,13 @@ class TrunkCache:
     return self._variables
 
   def images(self, split: str, source):
-    """`source` with each record's image replaced by its trunk outputs: (V, ...) on the training split, (1, ...)
-    elsewhere."""
+    """`source` with each record's image replaced by its trunk outputs: (V, ...) on the training split, one per
+    evaluated view (`eval_views`) elsewhere."""
     if "image" not in self.towers:
       return source
-    views = self._views if split == self._config.dataset.train_split else 1
-    path = self._path("image", split)
+    train = split == self._config.dataset.train_split
+    views = self._views if train else self._eval_views
+    path = self._path("image", split if train or views == 1 else f"{split}.{views}views")
     if not os.path.exists(path):
       self._save(path, outputs=self._compute_images(source, views, split))
     return CachedImages(source, self._load(path)["outputs"])
@@ -208,8 +205,8 @@ class TrunkCache:
         self._loaded[path] = {name: cached[name] for name in cached.files}
     return self._loaded[path]
 
-  def _path(self, tower, split):
-    return os.path.join(self._dir, f"{tower}-{fingerprint(self._config, tower)}", f"{split}.npz")
+  def _path(self, tower, name):
+    return os.path.join(self._dir, f"{tower}-{fingerprint(self._config, tower)}", f"{name}.npz")
 
   def _save(self, path, **arrays):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -227,7 +224,7 @@ class TrunkCache:
       for start in range(0, len(source), rows):
         rng = np.random.default_rng(0)  # eval preprocessing is deterministic
         images = [pp(source[i]["image"], rng) for i in range(start, min(start + rows, len(source)))]
-        batch = np.stack([dihedral_view(image, k) for image in images for k in range(views)])
+        batch = np.stack([preprocessing.dihedral_view(image, k) for image in images for k in range(views)])
         out = _in_batches(lambda x: self._image_fn(self.variables(), x), (batch,), rows * views, self._dtype)
         outputs.append(out.reshape((len(images), views) + out.shape[1:]))
         progress.update(len(images))

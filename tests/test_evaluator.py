@@ -67,3 +67,37 @@ def test_identical_captions_are_embedded_once_and_tie_exactly():
   np.testing.assert_allclose([metrics["t2i_R1"], metrics["t2i_R5"]], [100 / 3, 100.0])
   # i2t: 9 tied captions in the group, 3 of them correct: P(first is correct) = 1/3.
   np.testing.assert_allclose(metrics["i2t_R1"], 100 / 3)
+
+
+def test_test_time_views_score_the_mean_of_each_images_views():
+  """`views=4` with `dihedral_views(4)`: an image's score is the mean over its 4 rotations of the score of that
+  rotation's embedding (here its first pixel row, which rotating changes), checked against numpy."""
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 255, (NUM_IMAGES, 4, 4, 3), dtype=np.uint8)
+  records = source(lambda i: [f"object{i} seen from above"])
+  for record, image in zip(records, pixels):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image).save(buf, "PNG")
+    record["image"] = buf.getvalue()
+  vocab = WordVocab.build([c.decode() for r in records for c in r["captions"]], min_count=1, stopwords="keep")
+  text_table = rng.normal(size=(vocab.size, 12)).astype(np.float32)
+  split = splits.read("test", records, records, vocab, max_len=4)
+  evaluator = RetrievalEvaluator(split, pp_spec="decode|dihedral_views(4)", views=4, batch_size=8,
+                                 mesh=sharding_lib.make_mesh())
+
+  def embed_images(variables, images, fields):
+    return images[:, 0].reshape(len(images), -1).astype(jnp.float32) / 255
+
+  def embed_texts(variables, tokens, lengths, fields):
+    return jnp.asarray(text_table)[tokens[:, 0]]
+
+  images, texts = evaluator.embeddings({}, embed_images, embed_texts)
+  assert images.shape == (NUM_IMAGES, 4, 12)
+  scores = evaluator.scores({}, lambda v, a, b: a @ b.T, images, texts)
+  rows = np.stack([[np.rot90(image, k)[0].reshape(-1) / 255 for k in range(4)] for image in pixels])
+  tokens, _, _ = vocab.encode_batch([r["captions"][0].decode() for r in records], 4)
+  expected = np.einsum("nvd,td->nt", rows, text_table[tokens[:, 0]]) / 4
+  np.testing.assert_allclose(evaluator.caption_columns(scores), expected, rtol=1e-5, atol=1e-6)
+  one_view = RetrievalEvaluator(split, pp_spec="decode", batch_size=8, mesh=sharding_lib.make_mesh())
+  plain = one_view.scores({}, lambda v, a, b: a @ b.T, *one_view.embeddings({}, embed_images, embed_texts))
+  assert not np.allclose(plain, scores)

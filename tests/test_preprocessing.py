@@ -58,3 +58,25 @@ def test_flip_and_rot90_are_exact_permutations():
 def test_parse_errors(spec, message):
   with pytest.raises(ValueError, match=message):
     preprocessing.parse(spec)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+  image = np.arange(2 * 3 * 3).reshape(3, 3, 2)
+  views = [preprocessing.dihedral_view(image, k) for k in range(8)]
+  np.testing.assert_array_equal(views[1], np.rot90(image))
+  np.testing.assert_array_equal(views[4], image[:, ::-1])
+  np.testing.assert_array_equal(views[6], np.rot90(image, 2)[:, ::-1])
+  assert len({v.tobytes() for v in views}) == 8
+  stacked = preprocessing.parse("dihedral_views(8)")(image, None)
+  np.testing.assert_array_equal(stacked, np.stack(views))
+
+
+def test_views_of_cached_outputs_and_their_errors():
+  cached = np.arange(4 * 2, dtype=np.float16).reshape(4, 2)
+  taken = preprocessing.parse("views(3)")(cached, None)
+  assert taken.dtype == np.float32
+  np.testing.assert_array_equal(taken, cached[:3])
+  with pytest.raises(ValueError, match=r"views\(5\): the cached trunk outputs hold only 4 views"):
+    preprocessing.parse("views(5)")(cached, None)
+  with pytest.raises(ValueError, match=r"dihedral_views\(9\): the square has 8 symmetries; expected 1..8"):
+    preprocessing.parse("dihedral_views(9)")

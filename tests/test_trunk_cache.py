@@ -12,6 +12,8 @@ import pytest
 from helpers import disabled, run_main, runlocal_config, with_querybank
 import rsalign_jax
 from rsalign_jax import experiment, train, trunk_cache
+from rsalign_jax.evaluation import evaluators as evaluators_lib
+from rsalign_jax.evaluation import schedule as schedule_lib
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
 from rsalign_jax.modes import ensemble, export, search
 from rsalign_jax.modes import trained as trained_lib
@@ -118,6 +120,39 @@ def test_ensemble_members_refusals(runs, tmp_path, monkeypatch):
     run_main(monkeypatch, [f"--workdir={tmp_path}", "--mode=eval", f"--members={trained_run}"])
 
 
+def test_test_time_views_score_alike_from_the_cache_and_recomputed(runs, tmp_path):
+  """`eval_views=8`: the cached run's heads read 8 cached dihedral views of each test image (and of each training
+  image for the query bank: a cache of 8 training views), the recomputing run rotates and mirrors the pixels; both
+  score the same, unlike one view."""
+  _, results = runs
+  metrics = {}
+  for name in ("cached", "uncached"):
+    config, workdir, _ = results[name]
+    for views in (1, 8):
+      config = with_querybank(config)
+      config.eval_views = views
+      if name == "cached":
+        config.trunk_cache.views, config.trunk_cache.dir = 8, str(tmp_path)
+      loaded = trained_lib.load(config, str(workdir))
+      with jax.set_mesh(loaded.setup.mesh):
+        plain = loaded.setup.retrieval.evaluate(loaded.setup.make_evaluator("test"), loaded.variables)
+        banked = querybank_evaluator(loaded.setup).run(loaded.variables, 0, None)
+      metrics[name, views] = {**plain, **{f"qb_{k}": v for k, v in banked.items()}}
+  for views in (1, 8):
+    for key, value in metrics["uncached", views].items():
+      assert metrics["cached", views][key] == pytest.approx(value, abs=1e-4), (views, key)
+  assert metrics["cached", 8]["rsum"] != metrics["cached", 1]["rsum"]
+  assert metrics["cached", 8]["qb_rsum"] != metrics["cached", 1]["qb_rsum"]
+  [image_folder] = tmp_path.glob("image-*")
+  with np.load(image_folder / "test.8views.npz") as test_images:
+    assert test_images["outputs"].shape == (16, 8, 1, 1, 64)  # 16 test images
+
+
+def querybank_evaluator(setup):
+  [entry] = [e for e in schedule_lib.parse(setup.config.evals, steps_per_epoch=1) if e.type == "querybank"]
+  return evaluators_lib.build(setup, [entry])[entry.name]
+
+
 def test_export_and_search_on_cached_trunks_match_the_recomputing_run(runs, tmp_path):
   _, results = runs
   found = {}
@@ -218,15 +253,6 @@ def test_a_split_read_twice_shares_one_copy_of_its_cached_outputs(runs, tmp_path
   assert np.shares_memory(first[0]["image"], second[0]["image"])
 
 
-def test_dihedral_views_are_the_eight_symmetries_of_the_square():
-  image = np.arange(2 * 3 * 3).reshape(3, 3, 2)
-  views = [trunk_cache.dihedral_view(image, k) for k in range(8)]
-  np.testing.assert_array_equal(views[1], np.rot90(image))
-  np.testing.assert_array_equal(views[4], image[:, ::-1])
-  np.testing.assert_array_equal(views[6], np.rot90(image, 2)[:, ::-1])
-  assert len({v.tobytes() for v in views}) == 8
-
-
 def test_cached_texts_share_rows_of_identical_captions_and_compute_new_ones():
   computed = []
 
@@ -293,6 +319,14 @@ def test_config_refusals(tmp_path_factory):
   unfrozen = runlocal_config(tmp_path_factory, "clip", "runlocal", **{"trunk_cache.views": 2})
   with pytest.raises(ValueError, match="model.frozen names none; freeze the image and/or text tower"):
     experiment.build_setup(unfrozen, str(tmp_path_factory.mktemp("unfrozen")), sharding_lib.make_mesh())
+  one_view = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 1, "eval_views": 2})
+  setup = experiment.build_setup(one_view, str(tmp_path_factory.mktemp("one_view")), sharding_lib.make_mesh())
+  with pytest.raises(ValueError, match=r"eval_views=2 exceeds trunk_cache.views=1: the training split's cached "
+                                       r"images \(e.g. a query bank's\) hold 1 views each"):
+    setup.make_evaluator(one_view.dataset.train_split)
+  nine = frozen_clip_config(tmp_path_factory, **{"eval_views": 9})
+  with pytest.raises(ValueError, match=r"eval_views=9: expected 1..8 dihedral views of each evaluated image"):
+    experiment.build_setup(nine, str(tmp_path_factory.mktemp("nine")), sharding_lib.make_mesh())
   too_many = frozen_clip_config(tmp_path_factory, **{"trunk_cache.views": 9})
   with pytest.raises(ValueError, match=r"trunk_cache.views=9: expected 1..8 dihedral views"):
     trunk_cache.cached_towers(too_many)

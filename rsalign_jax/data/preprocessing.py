@@ -14,6 +14,7 @@ import PIL.Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DIHEDRAL_VIEWS = 8  # the symmetries of the square: rotations by 90 degrees, and their mirror images
 
 
 def parse(spec):
@@ -118,6 +119,34 @@ def get_view(k=0):
   def op(views, rng):
     del rng
     return np.asarray(views[k], np.float32)
+  return op
+
+
+def get_views(n):
+  """The first n views of cached trunk outputs (V, ...) as float32 (n, ...): the dihedral views of test-time
+  augmentation (`config.eval_views`)."""
+  def op(views, rng):
+    del rng
+    if len(views) < n:
+      raise ValueError(f"views({n}): the cached trunk outputs hold only {len(views)} views of each image")
+    return np.asarray(views[:n], np.float32)
+  return op
+
+
+def dihedral_view(image: np.ndarray, k: int) -> np.ndarray:
+  """View k of an HWC image: rotation by 90k degrees (k < 4), then mirrored left-right for k >= 4."""
+  rotated = np.rot90(image, k % 4)
+  return np.ascontiguousarray(rotated[:, ::-1] if k >= 4 else rotated)
+
+
+def get_dihedral_views(n):
+  """An HWC image -> its first n dihedral views (n, H, W, C) (`dihedral_view`): test-time augmentation of aerial
+  images, which have no canonical orientation."""
+  if not 1 <= n <= DIHEDRAL_VIEWS:
+    raise ValueError(f"dihedral_views({n}): the square has {DIHEDRAL_VIEWS} symmetries; expected 1..{DIHEDRAL_VIEWS}")
+  def op(image, rng):
+    del rng
+    return np.stack([dihedral_view(image, k) for k in range(n)])
   return op
 
 

@@ -20,13 +20,17 @@ class RetrievalEvaluator:
   `embed_images(variables, images, fields)`, `embed_texts(variables, tokens, lengths, fields)` take global batches
   sharded over the mesh (`fields`: the model's per-image inputs, a dict of arrays, see `rsalign_jax.data.fields`)
   and return replicated embeddings; `score(variables, image_emb, text_emb)` returns a similarity block.
+
+  With `views` > 1 (test-time augmentation) `pp_spec` turns each image into a stack of that many views (V, ...):
+  every view is embedded, image embeddings are (N, V, ...), and an image's score is the mean of its views' scores.
   """
 
-  def __init__(self, split, *, pp_spec, batch_size, mesh, score_chunk=1024):
+  def __init__(self, split, *, pp_spec, batch_size, mesh, views=1, score_chunk=1024):
     """split: a `data.splits.Split` (its `inputs` hold the images as the model reads them)."""
     self._name, self._source = split.name, split.inputs
     self._pp = preprocessing.parse(pp_spec)
-    self._batch_size = batch_size
+    self._batch_size, self._views = batch_size, views
+    self._image_rows = max(1, batch_size // views)  # images per embedding batch: their views fill one batch
     self._sharding = sharding_lib.batch_sharding(mesh)
     self._score_chunk = score_chunk
     self.index = split.index
@@ -53,12 +57,12 @@ class RetrievalEvaluator:
     if self._source is None:
       raise RuntimeError(f"{self._name}: the evaluator's inputs were released; build another to embed the split")
     if self._images is not None:
-      yield from _batches(self._images, self._batch_size)
+      yield from _batches(self._images, self._image_rows)
       return
     decoded = []
     rng = np.random.default_rng(0)  # eval preprocessing is deterministic; ops take an rng for uniformity
-    for start in range(0, self.num_images, self._batch_size):
-      stop = min(start + self._batch_size, self.num_images)
+    for start in range(0, self.num_images, self._image_rows):
+      stop = min(start + self._image_rows, self.num_images)
       batch = np.stack([self._pp(self._source[i]["image"], rng) for i in range(start, stop)])
       decoded.append(batch)
       yield batch
@@ -66,21 +70,28 @@ class RetrievalEvaluator:
     if images.nbytes <= _CACHE_LIMIT_BYTES:
       self._images = images
 
-  def _embed(self, fn, variables, batches, progress):
+  def _embed(self, fn, variables, batches, progress, views=1):
+    """`fn`'s outputs for `batches` of rows; with views > 1 each row's leading axis holds its views, embedded as
+    rows of their own (the row's fields repeated) and returned as (rows, views, ...)."""
     out = []
     with progress:
       for arrays in batches:
         n = len(jax.tree.leaves(arrays)[0])
-        embeddings = fn(variables, *sharding_lib.padded_global_batch(arrays, self._batch_size, self._sharding))
-        out.append(np.asarray(embeddings)[:n])
+        if views > 1:
+          images, fields = arrays
+          arrays = (images.reshape((n * views,) + images.shape[2:]),
+                    jax.tree.map(lambda a: np.repeat(a, views, axis=0), fields))
+        embeddings = np.asarray(fn(variables, *sharding_lib.padded_global_batch(arrays, self._batch_size,
+                                                                                self._sharding)))[:n * views]
+        out.append(embeddings.reshape((n, views) + embeddings.shape[1:]) if views > 1 else embeddings)
         progress.update(n)
     return np.concatenate(out)
 
   def embeddings(self, variables, embed_images, embed_texts):
-    """Returns (image embeddings (N, D), distinct-caption embeddings (U, D))."""
-    image_fields = _batches(self._image_fields, self._batch_size)
+    """Returns (image embeddings (N, D), or (N, V, D) with `views` > 1, distinct-caption embeddings (U, D))."""
+    image_fields = _batches(self._image_fields, self._image_rows)
     images = self._embed(embed_images, variables, zip(self._image_batches(), image_fields),
-                         progress_lib.Progress(f"embedding {self._name} images", self.num_images))
+                         progress_lib.Progress(f"embedding {self._name} images", self.num_images), self._views)
     texts = self._embed(embed_texts, variables, _batches((self._unique_tokens, self._unique_lengths,
                                                            self._text_fields), self._batch_size),
                         progress_lib.Progress(f"embedding {self._name} distinct captions", len(self._unique_tokens)))
@@ -92,12 +103,18 @@ class RetrievalEvaluator:
 
   def scores(self, variables, score, image_embeddings, text_embeddings, what=None):
     """The (images, texts) scores of any two embedding sets (e.g. this split's images against a query bank's
-    captions), in image chunks."""
+    captions), in image chunks; with `views` > 1 each image's the mean over its views."""
     blocks = []
     with progress_lib.Progress(what or f"scoring {self._name} images", len(image_embeddings)) as progress:
       for i in range(0, len(image_embeddings), self._score_chunk):
-        blocks.append(np.asarray(score(variables, image_embeddings[i:i + self._score_chunk], text_embeddings)))
-        progress.update(len(blocks[-1]))
+        chunk = image_embeddings[i:i + self._score_chunk]
+        if self._views > 1:
+          block = sum(np.asarray(score(variables, chunk[:, v], text_embeddings), np.float32)
+                      for v in range(self._views)) / self._views
+        else:
+          block = np.asarray(score(variables, chunk, text_embeddings))
+        blocks.append(block)
+        progress.update(len(block))
     return np.concatenate(blocks)
 
   def distinct_columns_of(self, other):
