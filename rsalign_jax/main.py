@@ -44,6 +44,9 @@ _MEMBERS = flags.DEFINE_list(
     "members", [], "eval --ensemble: trained workdirs to ensemble, each restored with its saved config (e.g. runs "
     "at two input sizes); seeds workdirs (runs in seed_<n>) give one ensemble per seed and their mean ± std. "
     "Needs no --config.")
+_EVAL_VIEWS = flags.DEFINE_integer(
+    "eval_views", 0, "eval: score each image as the mean over its first N dihedral views (test-time augmentation), "
+    "in place of config.eval_views (of --config, the workdir's saved config or each --members run's); 0: as saved.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "export: output directory (default WORKDIR/export_<split>).")
 _QUERY = flags.DEFINE_multi_string("query", [], "search: a free-text query (repeatable); ranks gallery images.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "search: an image file (repeatable); ranks --targets.")
@@ -82,7 +85,7 @@ def main(argv):
     if _MEMBERS.value:
       _ensemble_members()
     else:
-      _run(_config(), _WORKDIR.value, _MODE.value)
+      _run(_with_eval_views(_config()), _WORKDIR.value, _MODE.value)
   except USER_ERRORS as e:
     logging.debug("where the error was raised", exc_info=True)
     sys.exit(f"error: {e}")
@@ -106,7 +109,21 @@ def _ensemble_members():
   if not (_MODE.value == "eval" and _ENSEMBLE.value) or _CONFIG.value is not None:
     raise app.UsageError("--members names the workdirs of an ensemble: use it with --mode=eval --ensemble and no "
                          "--config (each member's saved config is used)")
-  ensemble.evaluate_members(_MEMBERS.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value)
+  ensemble.evaluate_members(_MEMBERS.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+                            configure=_with_eval_views)
+
+
+def _with_eval_views(config):
+  """`config` with --eval_views in place of its eval_views (0: as it is)."""
+  if not _EVAL_VIEWS.value:
+    return config
+  if _MODE.value != "eval":
+    raise app.UsageError(f"--eval_views is an evaluation option: use it with --mode=eval, not --mode={_MODE.value} "
+                         "(to train with it, set --config.eval_views)")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.eval_views = _EVAL_VIEWS.value
+  return config
 
 
 def _run(config, workdir, mode):

@@ -120,10 +120,10 @@ def test_ensemble_members_refusals(runs, tmp_path, monkeypatch):
     run_main(monkeypatch, [f"--workdir={tmp_path}", "--mode=eval", f"--members={trained_run}"])
 
 
-def test_test_time_views_score_alike_from_the_cache_and_recomputed(runs, tmp_path):
+def test_test_time_views_score_alike_from_the_cache_and_recomputed(runs, tmp_path, monkeypatch):
   """`eval_views=8`: the cached run's heads read 8 cached dihedral views of each test image (and of each training
   image for the query bank: a cache of 8 training views), the recomputing run rotates and mirrors the pixels; both
-  score the same, unlike one view."""
+  score the same, unlike one view; `--mode=eval --eval_views=8` scores so from a workdir's saved config."""
   _, results = runs
   metrics = {}
   for name in ("cached", "uncached"):
@@ -146,6 +146,18 @@ def test_test_time_views_score_alike_from_the_cache_and_recomputed(runs, tmp_pat
   [image_folder] = tmp_path.glob("image-*")
   with np.load(image_folder / "test.8views.npz") as test_images:
     assert test_images["outputs"].shape == (16, 8, 1, 1, 64)  # 16 test images
+  uncached_dir = results["uncached"][1]  # --eval_views on saved configs: one run, and an ensemble's members
+  run_main(monkeypatch, [f"--workdir={uncached_dir}", "--mode=eval", "--eval_views=8"])
+  run_main(monkeypatch, [f"--workdir={tmp_path / 'ensemble'}", "--mode=eval", "--ensemble",
+                         f"--members={uncached_dir}", "--eval_views=8"])
+  alone = json.loads((uncached_dir / "eval_test.json").read_text())["metrics"]
+  [in_ensemble] = json.loads((tmp_path / "ensemble" / "ensemble_test.json").read_text())["metrics"].values()
+  for key, value in metrics["uncached", 8].items():
+    if not key.startswith("qb_"):
+      assert alone[key] == pytest.approx(value, abs=1e-4) and in_ensemble[key] == pytest.approx(value, abs=1e-4), key
+  with pytest.raises(app.UsageError, match="--eval_views is an evaluation option: use it with --mode=eval, not "
+                                           "--mode=export"):
+    run_main(monkeypatch, [f"--workdir={uncached_dir}", "--mode=export", "--eval_views=8"])
 
 
 def querybank_evaluator(setup):

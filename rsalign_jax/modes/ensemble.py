@@ -86,9 +86,10 @@ def _ensemble_metrics(members, *, checkpoint, split):
   return {"split": split, "dataset": config.dataset.name, "members": [str(w) for _, w in members], "metrics": metrics}
 
 
-def member_runs(workdirs):
+def member_runs(workdirs, configure=lambda config: config):
   """{seed: [(config, workdir) of each member's run of that seed]} for seeds workdirs (runs in seed_<n>), or
-  {None: [(config, workdir), ...]} for trained workdirs; each run's config is the one it saved."""
+  {None: [(config, workdir), ...]} for trained workdirs; each run's config is the one it saved, through
+  `configure` (e.g. evaluation options)."""
   kinds = {}
   for workdir in workdirs:
     if os.path.exists(os.path.join(workdir, configlib.RESOLVED_CONFIG)):
@@ -105,7 +106,7 @@ def member_runs(workdirs):
     if seeds != kinds[first]:
       raise ValueError(f"--members: {workdir} holds {_runs_text(seeds)}, {first} {_runs_text(kinds[first])}; the "
                        "members must be trained runs, or seeds workdirs of the same seeds")
-  return {seed: [(configlib.load_resolved(path), path) for path in (
+  return {seed: [(configure(configlib.load_resolved(path)), path) for path in (
       workdir if seed is None else seeds_lib.seed_workdir(workdir, seed) for workdir in workdirs)]
           for seed in kinds[first]}
 
@@ -114,10 +115,10 @@ def _runs_text(seeds):
   return "a trained run" if seeds == (None,) else f"the runs of seeds {', '.join(map(str, seeds))}"
 
 
-def evaluate_members(workdirs, workdir, *, checkpoint="", split=""):
+def evaluate_members(workdirs, workdir, *, checkpoint="", split="", configure=lambda config: config):
   """The ensemble of trained workdirs (`member_runs`), or of seeds workdirs one seed at a time with mean ± std over
   the seeds; writes WORKDIR/ensemble_<split>.json and .md."""
-  runs = member_runs(workdirs)
+  runs = member_runs(workdirs, configure)
   if None in runs:
     return evaluate_ensemble(runs[None], workdir, checkpoint=checkpoint, split=split)
   per_seed = {seed: _ensemble_metrics(members, checkpoint=checkpoint, split=split) for seed, members in runs.items()}
