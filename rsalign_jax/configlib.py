@@ -111,8 +111,8 @@ def base_config(arg):
   config.grad_cache_chunk = 0
   config.eval_batch_size = 256
   # Test-time augmentation: an evaluated image scores the mean of its first eval_views dihedral views' scores
-  # (rotations by 90 degrees, then mirrored; 1: the image alone). Evaluation only: export and search embed each
-  # image once.
+  # (rotations by 90 degrees, then mirrored; 1: the image alone). Retrieval metrics only (the retrieval and
+  # querybank evaluators, eval and ensembles); export, search, the gallery picture and hash codes embed each image once.
   config.eval_views = 1
   # Evaluators, big_vision style (rsalign_jax/evaluation/schedule.py): name -> dict(type=<module of
   # rsalign_jax/evaluation/evaluators/>, split=..., one schedule: every_epochs=E (and at the last step), at='start'
