@@ -8,6 +8,7 @@ import PIL.Image
 
 from rsalign_jax.data import splits
 from rsalign_jax.data.tokenizers import WordVocab
+from rsalign_jax.evaluation import evaluator as evaluator_lib
 from rsalign_jax.evaluation.evaluator import RetrievalEvaluator
 from rsalign_jax.runtime import sharding as sharding_lib
 
@@ -101,3 +102,17 @@ def test_test_time_views_score_the_mean_of_each_images_views():
   one_view = RetrievalEvaluator(split, pp_spec="decode", batch_size=8, mesh=sharding_lib.make_mesh())
   plain = one_view.scores({}, lambda v, a, b: a @ b.T, *one_view.embeddings({}, embed_images, embed_texts))
   assert not np.allclose(plain, scores)
+
+
+def test_decoded_images_are_kept_for_the_next_pass_only_when_they_fit(monkeypatch):
+  """A split whose decoded images exceed the cache limit is decoded again each pass, never held whole."""
+  records = source(lambda i: [f"object{i} seen from above"])
+  vocab = WordVocab.build([c.decode() for r in records for c in r["captions"]], min_count=1, stopwords="keep")
+  functions = toy_functions(vocab, num_classes=NUM_IMAGES)
+  image_bytes = 4 * 4 * 3  # one decoded uint8 image
+  for limit, kept in ((NUM_IMAGES * image_bytes, True), (NUM_IMAGES * image_bytes - 1, False)):
+    monkeypatch.setattr(evaluator_lib, "_CACHE_LIMIT_BYTES", limit)
+    evaluator = make_evaluator(records, vocab)
+    first = evaluator.run({}, *functions)
+    assert (evaluator._images is not None) == kept
+    assert evaluator.run({}, *functions) == first

@@ -59,16 +59,17 @@ class RetrievalEvaluator:
     if self._images is not None:
       yield from _batches(self._images, self._image_rows)
       return
-    decoded = []
+    decoded, kept_bytes = [], 0  # kept for the next pass while they fit in _CACHE_LIMIT_BYTES
     rng = np.random.default_rng(0)  # eval preprocessing is deterministic; ops take an rng for uniformity
     for start in range(0, self.num_images, self._image_rows):
       stop = min(start + self._image_rows, self.num_images)
       batch = np.stack([self._pp(self._source[i]["image"], rng) for i in range(start, stop)])
-      decoded.append(batch)
+      kept_bytes += batch.nbytes
+      if decoded is not None:
+        decoded = decoded + [batch] if kept_bytes <= _CACHE_LIMIT_BYTES else None
       yield batch
-    images = np.concatenate(decoded)
-    if images.nbytes <= _CACHE_LIMIT_BYTES:
-      self._images = images
+    if decoded is not None:
+      self._images = np.concatenate(decoded)
 
   def _embed(self, fn, variables, batches, progress, views=1):
     """`fn`'s outputs for `batches` of rows; with views > 1 each row's leading axis holds its views, embedded as
