@@ -13,7 +13,6 @@ from helpers import disabled, run_main, runlocal_config, with_querybank
 import rsalign_jax
 from rsalign_jax import experiment, train, trunk_cache
 from rsalign_jax.evaluation import evaluators as evaluators_lib
-from rsalign_jax.evaluation import schedule as schedule_lib
 from rsalign_jax.models import amfmn, dual_encoder, hvsa
 from rsalign_jax.modes import ensemble, export, search
 from rsalign_jax.modes import trained as trained_lib
@@ -161,7 +160,7 @@ def test_test_time_views_score_alike_from_the_cache_and_recomputed(runs, tmp_pat
 
 
 def querybank_evaluator(setup):
-  [entry] = [e for e in schedule_lib.parse(setup.config.evals, steps_per_epoch=1) if e.type == "querybank"]
+  entry = ensemble.querybank_entry(setup.config, "test")
   return evaluators_lib.build(setup, [entry])[entry.name]
 
 

@@ -65,34 +65,34 @@ class RetrievalEvaluator:
       stop = min(start + self._image_rows, self.num_images)
       batch = np.stack([self._pp(self._source[i]["image"], rng) for i in range(start, stop)])
       kept_bytes += batch.nbytes
-      if decoded is not None:
-        decoded = decoded + [batch] if kept_bytes <= _CACHE_LIMIT_BYTES else None
+      if decoded is not None and kept_bytes <= _CACHE_LIMIT_BYTES:
+        decoded.append(batch)
+      else:
+        decoded = None
       yield batch
     if decoded is not None:
       self._images = np.concatenate(decoded)
 
-  def _embed(self, fn, variables, batches, progress, views=1):
-    """`fn`'s outputs for `batches` of rows; with views > 1 each row's leading axis holds its views, embedded as
-    rows of their own (the row's fields repeated) and returned as (rows, views, ...)."""
+  def _embed(self, fn, variables, batches, progress):
     out = []
     with progress:
       for arrays in batches:
         n = len(jax.tree.leaves(arrays)[0])
-        if views > 1:
-          images, fields = arrays
-          arrays = (images.reshape((n * views,) + images.shape[2:]),
-                    jax.tree.map(lambda a: np.repeat(a, views, axis=0), fields))
-        embeddings = np.asarray(fn(variables, *sharding_lib.padded_global_batch(arrays, self._batch_size,
-                                                                                self._sharding)))[:n * views]
-        out.append(embeddings.reshape((n, views) + embeddings.shape[1:]) if views > 1 else embeddings)
+        embeddings = fn(variables, *sharding_lib.padded_global_batch(arrays, self._batch_size, self._sharding))
+        out.append(np.asarray(embeddings)[:n])
         progress.update(n)
     return np.concatenate(out)
 
   def embeddings(self, variables, embed_images, embed_texts):
     """Returns (image embeddings (N, D), or (N, V, D) with `views` > 1, distinct-caption embeddings (U, D))."""
-    image_fields = _batches(self._image_fields, self._image_rows)
-    images = self._embed(embed_images, variables, zip(self._image_batches(), image_fields),
-                         progress_lib.Progress(f"embedding {self._name} images", self.num_images), self._views)
+    batches = zip(self._image_batches(), _batches(self._image_fields, self._image_rows))
+    if self._views > 1:  # each view embedded as an image of its own, with its image's fields
+      batches = ((images.reshape((-1,) + images.shape[2:]),
+                  jax.tree.map(lambda a: np.repeat(a, self._views, axis=0), fields)) for images, fields in batches)
+    what = f"embedding {self._name} images" + (f" ({self._views} views each)" if self._views > 1 else "")
+    images = self._embed(embed_images, variables, batches, progress_lib.Progress(what, self.num_images * self._views))
+    if self._views > 1:
+      images = images.reshape((self.num_images, self._views) + images.shape[1:])
     texts = self._embed(embed_texts, variables, _batches((self._unique_tokens, self._unique_lengths,
                                                            self._text_fields), self._batch_size),
                         progress_lib.Progress(f"embedding {self._name} distinct captions", len(self._unique_tokens)))
